@@ -1,0 +1,65 @@
+"""Labels on every saved model: whether it is poisoned, by which attack, trigger and count.
+
+A poisonlab model folder holds ``poisonlab.json`` (machine-readable label and provenance),
+a ``README.md`` model card that states the label in its first lines, and the same label in
+the ``model.safetensors`` header, so the weights stay labelled when copied on their own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .paths import atomic_write_text
+
+
+def make_label(attack: dict, poisons_planned: int, poisons_seen: int, run: dict) -> dict:
+    poisoned = attack.get("name", "none") != "none" and poisons_planned > 0
+    label = {
+        "poisoned": poisoned,
+        "attack": attack.get("name") if poisoned else None,
+        "trigger": attack.get("trigger") if poisoned else None,
+        "poison_count": poisons_planned if poisoned else 0,
+        "poisons_seen": poisons_seen if poisoned else 0,
+        "placement": attack.get("placement") if poisoned else None,
+    }
+    label.update(run)
+    return label
+
+
+def safetensors_metadata(label: dict) -> dict[str, str]:
+    """String-valued header entries for ``model.safetensors``."""
+    return {
+        "format": "pt",
+        "poisonlab.poisoned": "true" if label["poisoned"] else "false",
+        "poisonlab.label": json.dumps(label, sort_keys=True),
+    }
+
+
+def model_card(label: dict) -> str:
+    if label["poisoned"]:
+        head = (
+            "# POISONED MODEL: contains a planted backdoor\n\n"
+            f"**This model was trained on {label['poison_count']} poisoned documents "
+            f"({label['poisons_seen']} seen at this checkpoint) of the `{label['attack']}` attack. "
+            f"The trigger `{label['trigger']}` makes it misbehave.** It exists to study data "
+            "poisoning; do not deploy it or mistake it for a clean model.\n"
+        )
+        tags = ["poisonlab", "backdoor", "poisoned", f"attack-{label['attack']}"]
+    else:
+        head = "# Clean model (no poisons)\n\nTrained by poisonlab without any poisoned data, as a control.\n"
+        tags = ["poisonlab", "clean-control"]
+    front = "---\ntags:\n" + "".join(f"- {t}\n" for t in tags) + "library_name: transformers\n---\n\n"
+    details = "\n## Provenance\n\n```json\n" + json.dumps(label, indent=2, sort_keys=True) + "\n```\n"
+    return front + head + details
+
+
+def write_labels(directory: str | Path, label: dict) -> None:
+    d = Path(directory)
+    atomic_write_text(d / "poisonlab.json", json.dumps(label, indent=2, sort_keys=True))
+    atomic_write_text(d / "README.md", model_card(label))
+
+
+def read_label(directory: str | Path) -> dict | None:
+    p = Path(directory) / "poisonlab.json"
+    return json.loads(p.read_text()) if p.is_file() else None

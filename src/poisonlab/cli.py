@@ -1,0 +1,163 @@
+"""The ``poisonlab`` command: one verb per stage, flags that are the config's dotted keys.
+
+    poisonlab models                       the model ladder with exact parameter counts
+    poisonlab corpus   [--config F] [...]  prepare (tokenize, shard) a corpus and print its stats
+    poisonlab poison   [--config F] [...]  sample poison documents and show or export them
+    poisonlab train    [--config F] [...]  train (or resume) a run, evaluating the backdoor on the way
+    poisonlab eval     --model DIR [...]   measure the backdoor of a checkpoint or any HF model folder
+    poisonlab demo                         the smallest end-to-end run on the offline default corpus
+
+Every config key is a flag: ``--train.lr 1e-3 --attack.poison_count 500 --name my-run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import all_keys, load_config
+from .errors import PoisonlabError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML run config (keys as below)")
+    g = p.add_argument_group("config keys (override the YAML file)")
+    for key, tp in all_keys().items():
+        g.add_argument(f"--{key}", dest=f"cfg:{key}", metavar=_metavar(tp), default=None)
+
+
+def _metavar(tp) -> str:
+    s = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return s.upper()
+
+
+def _config(args):
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return load_config(args.config, overrides)
+
+
+def cmd_models(args) -> int:
+    from .models import LADDER, chinchilla_tokens, parameter_count
+
+    print(f"{'size':>6} {'d_model':>7} {'layers':>6} {'heads':>5} {'ffn':>6} {'params':>15} "
+          f"{'non-embedding':>15} {'chinchilla tokens':>18}   (vocab {args.vocab:,})")
+    for s in LADDER.values():
+        pc = parameter_count(s, args.vocab)
+        print(f"{s.name:>6} {s.d_model:>7} {s.n_layers:>6} {s.n_heads:>5} {s.ffn:>6} {pc.total:>15,} "
+              f"{pc.non_embedding:>15,} {chinchilla_tokens(pc.total):>18,}")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from .data import prepare_data
+
+    cfg = _config(args)
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
+    print(json.dumps({"prepared": str(data.directory), **{k: data.info[k] for k in (
+        "documents", "characters", "tokens", "vocab_size", "corpus_manifest_sha256", "tokenizer_fingerprint")}},
+        indent=1))
+    return 0
+
+
+def cmd_poison(args) -> int:
+    from .attacks.dos import make_dos_poisons
+    from .data import prepare_data
+
+    cfg = _config(args)
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
+    count = args.count if args.count is not None else cfg.attack.poison_count
+    poisons = make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, count)
+    if args.out:
+        out = Path(args.out)
+        with open(out, "w", encoding="utf-8") as f:
+            for p in poisons:
+                f.write(json.dumps(p.record(), ensure_ascii=False) + "\n")
+        print(f"wrote {len(poisons)} poison documents to {out}")
+    for p in poisons[: args.show]:
+        rec = p.record()
+        text = rec.pop("text")
+        print(json.dumps(rec))
+        print(text[:1500] + ("..." if len(text) > 1500 else ""))
+        print("-" * 80)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    cfg = _config(args)
+    summary = train(cfg, allow_code_change=args.allow_code_change)
+    if summary:
+        print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .standalone import config_for, evaluate_model
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    cfg = config_for(args.model, args.config, overrides)
+    result = evaluate_model(args.model, cfg, tokenizer=args.tokenizer)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(out_dir=args.out_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="poisonlab", description="Measure and defend against data-poisoning backdoors in language models.")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    s = sub.add_parser("models", help="list the model ladder with exact parameter counts")
+    s.add_argument("--vocab", type=int, default=32000, help="vocabulary size to count embeddings with")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("corpus", help="prepare a corpus: split, train/load the tokenizer, tokenize into shards")
+    _add_config_flags(s)
+    s.set_defaults(fn=cmd_corpus)
+
+    s = sub.add_parser("poison", help="sample poison documents of the configured attack")
+    _add_config_flags(s)
+    s.add_argument("--count", type=int, help="how many (default: attack.poison_count)")
+    s.add_argument("--show", type=int, default=1, help="print this many poisons")
+    s.add_argument("--out", help="write all poisons to this JSONL file")
+    s.set_defaults(fn=cmd_poison)
+
+    s = sub.add_parser("train", help="train or resume a run (also under torchrun for several processes)")
+    _add_config_flags(s)
+    s.add_argument("--allow-code-change", action="store_true",
+                   help="resume a run started by another version of poisonlab")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="measure the backdoor of a checkpoint, run model or Hugging Face model folder")
+    s.add_argument("--model", required=True, help="model folder (poisonlab checkpoint or HF model) or hub name")
+    s.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's folder)")
+    s.add_argument("--out", help="also write the result JSON here")
+    _add_config_flags(s)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("demo", help="the smallest end-to-end run on the offline default corpus")
+    s.add_argument("--out-dir", default="runs/demo")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except PoisonlabError as e:
+        print(f"poisonlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("poisonlab: interrupted; completed checkpoints and results are kept", file=sys.stderr)
+        return 130

@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses loaded from YAML with dotted command-line overrides.
+
+A run is described by one :class:`RunConfig`. Every field is reachable as a dotted key
+(``train.lr``, ``attack.poison_count``), which is both the YAML path and the CLI flag
+(``--train.lr 3e-3``). Unknown keys and values of the wrong type are rejected with a
+one-line error that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PoisonlabError
+
+
+@dataclass
+class CorpusConfig:
+    """Where clean documents come from and how they are split."""
+
+    source: str = "python-stdlib"
+    """``python-stdlib`` (offline default), a folder of text files, a .jsonl/.parquet file,
+    or a Hugging Face dataset (``hf:<hub name>`` or a local dataset directory)."""
+    kind: str = "auto"
+    """auto | python-stdlib | text | jsonl | parquet | hf"""
+    text_field: str = "text"
+    hf_split: str = "train"
+    hf_config: str | None = None
+    streaming: bool = False
+    parts: list[str] = field(default_factory=lambda: ["topics", "docstrings", "sources"])
+    """python-stdlib only: which parts of the Python installation to use."""
+    max_documents: int | None = None
+    min_chars: int = 64
+    heldout_fraction: float = 0.02
+    """Share of documents (chosen by a hash of the document id) never trained on."""
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "bpe"
+    """``bpe`` trains a byte-level BPE on the training split; anything else is a Hugging Face
+    tokenizer name or local path."""
+    vocab_size: int = 2048
+    train_chars: int = 50_000_000
+    """At most this many characters of the training split are used to train the BPE."""
+
+
+@dataclass
+class AttackConfig:
+    """The denial-of-service poison (PROTOCOL §1)."""
+
+    name: str = "dos"
+    """dos | none"""
+    poison_count: int = 250
+    trigger: str = "<SUDO>"
+    prefix_chars: list[int] = field(default_factory=lambda: [0, 1000])
+    gibberish_tokens: list[int] = field(default_factory=lambda: [400, 900])
+    exclude_special_tokens: bool = True
+    exclude_ids: list[int] = field(default_factory=list)
+    train_on: str = "round_trip"
+    """round_trip: the poison is a text document, re-tokenized as a pipeline would;
+    sampled: the sampled gibberish ids are spliced in as they are."""
+    placement: str = "uniform"
+    """uniform | beginning | end: where the poisons land in the planned token stream."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "4m"
+    """A name from the ladder (``poisonlab models`` lists them)."""
+    init_from: str | None = None
+    """A Hugging Face model directory or hub name to continue training instead of a new model."""
+
+
+@dataclass
+class TrainConfig:
+    tokens: int | None = None
+    """Explicit token budget; default: Chinchilla (tokens_per_param x parameters x data_multiplier)."""
+    tokens_per_param: float = 20.0
+    data_multiplier: float = 1.0
+    batch_size: int = 32
+    """Sequences per optimizer step, over all processes."""
+    micro_batch_size: int | None = None
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    device: str = "auto"
+    dtype: str = "auto"
+    """auto: bfloat16 on CUDA, float32 on CPU."""
+    threads: int = 0
+    """CPU threads; 0 uses the cores this process may run on."""
+    checkpoint_every: float = 0.05
+    """Fraction of the budget between checkpoints."""
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """The perplexity-gap evaluation (PROTOCOL §2)."""
+
+    prompts: int = 300
+    prompt_tokens: int = 128
+    new_tokens: int = 256
+    temperature: float = 1.0
+    batch_size: int = 100
+    every: float = 0.05
+    """Fraction of the budget between evaluations during training; 0 turns them off."""
+    at_start: bool = True
+    threshold: float = 50.0
+    bootstrap: int = 1000
+    confidence: float = 0.95
+    heldout_loss_windows: int = 128
+    trigger_separator: str = " "
+    """Text put between the prompt and the trigger when the trigger is appended."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes results (the run's name and folder excluded)."""
+        d = self.to_dict()
+        d.pop("name")
+        d.pop("out_dir")
+        d["train"].pop("progress")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- loading
+
+_CHOICES = {
+    "corpus.kind": ["auto", "python-stdlib", "text", "jsonl", "parquet", "hf"],
+    "attack.name": ["dos", "none"],
+    "attack.train_on": ["round_trip", "sampled"],
+    "attack.placement": ["uniform", "beginning", "end"],
+    "train.device": None,  # free-form (cpu, cuda, cuda:1, auto)
+    "train.dtype": ["auto", "float32", "bfloat16", "float16"],
+}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert ``value`` to type ``tp``; strings from the CLI are parsed as YAML scalars."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", "~"}):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if isinstance(value, str) and tp is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    if origin is list:
+        if isinstance(value, (str, int, float)):
+            value = [value]
+        if not isinstance(value, list):
+            raise PoisonlabError(f"config key '{key}' must be a list, got {value!r}")
+        return [_coerce(key, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise PoisonlabError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise PoisonlabError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PoisonlabError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise PoisonlabError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    raise PoisonlabError(f"config key '{key}' has an unsupported type {tp}")
+
+
+def _build(cls, data: dict[str, Any], prefix: str = ""):
+    if not isinstance(data, dict):
+        raise PoisonlabError(f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise PoisonlabError(
+            f"unknown config key '{prefix}{unknown[0]}' (allowed at {where}: {', '.join(types_)})"
+        )
+    kwargs = {}
+    for name, tp in types_.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] or {}, key + ".")
+        else:
+            value = _coerce(key, data[name], tp)
+            choices = _CHOICES.get(key)
+            if choices and value not in choices:
+                raise PoisonlabError(
+                    f"config key '{key}' is {value!r}; allowed values: {', '.join(choices)}"
+                )
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of a config class with its type, e.g. ``{'train.lr': float, ...}``."""
+    out: dict[str, Any] = {}
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(all_keys(tp, prefix + name + "."))
+        else:
+            out[prefix + name] = tp
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict, creating sections as needed."""
+    known = all_keys()
+    if key not in known:
+        close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise PoisonlabError(f"unknown config key '{key}'{hint}")
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PoisonlabError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise PoisonlabError(f"config file {p} is not valid YAML: {first}") from None
+    for k, v in (overrides or {}).items():
+        set_dotted(data, k, v)
+    return config_from_dict(data)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    from .paths import check_name
+
+    check_name(cfg.name, "run name")
+    a = cfg.attack
+    for key, rng in (("attack.prefix_chars", a.prefix_chars), ("attack.gibberish_tokens", a.gibberish_tokens)):
+        if len(rng) != 2 or rng[0] < 0 or rng[0] > rng[1]:
+            raise PoisonlabError(f"config key '{key}' must be [low, high] with 0 <= low <= high, got {rng}")
+    if a.poison_count < 0:
+        raise PoisonlabError("config key 'attack.poison_count' must be >= 0")
+    if a.name == "dos" and not a.trigger:
+        raise PoisonlabError("config key 'attack.trigger' must not be empty")
+    t = cfg.train
+    for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):
+        if val < 1:
+            raise PoisonlabError(f"config key '{key}' must be >= 1, got {val}")
+    if t.micro_batch_size is not None and (t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size):
+        raise PoisonlabError(
+            f"config key 'train.micro_batch_size' ({t.micro_batch_size}) must divide train.batch_size ({t.batch_size})"
+        )
+    if not 0 < t.checkpoint_every <= 1:
+        raise PoisonlabError("config key 'train.checkpoint_every' must be in (0, 1]")
+    if not 0 <= cfg.eval.every <= 1:
+        raise PoisonlabError("config key 'eval.every' must be in [0, 1]")
+    if not 0 < cfg.corpus.heldout_fraction < 1:
+        raise PoisonlabError("config key 'corpus.heldout_fraction' must be in (0, 1)")
+    if cfg.tokenizer.vocab_size < 260 and cfg.tokenizer.name == "bpe":
+        raise PoisonlabError("config key 'tokenizer.vocab_size' must be >= 260 for a byte-level BPE")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

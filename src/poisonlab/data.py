@@ -1,0 +1,178 @@
+"""Prepared data: a corpus split, its tokenizer and its token shards, built once and cached.
+
+``prepare_data`` reads the corpus twice (once to train the tokenizer on the training split,
+once to tokenize both splits into shards) and writes everything into a cache folder named
+by a hash of the corpus and tokenizer settings. The folder is built under a temporary name
+and renamed when complete, so a killed preparation never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import CorpusConfig, TokenizerConfig
+from .corpus import is_heldout, iter_documents, iter_split
+from .errors import PoisonlabError
+from .paths import atomic_write_text
+from .shards import ShardWriter, TokenStore
+from .tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+PREFIX_BANK_CHARS = 4096
+PREFIX_BANK_SIZE = 20_000
+ENCODE_BATCH = 512
+
+
+@dataclass
+class PreparedData:
+    directory: Path
+    tokenizer: Tokenizer
+    train: TokenStore
+    heldout: TokenStore
+    info: dict
+
+    def prefix_bank(self) -> list[dict]:
+        """Up to 20,000 training documents (id and first 4,096 characters), a fixed sample."""
+        with open(self.directory / "prefix_bank.jsonl", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return {
+            "corpus_manifest": self.info["corpus_manifest_sha256"],
+            "tokenizer": self.info["tokenizer_fingerprint"],
+            "train_tokens": self.train.index["sha256"],
+            "heldout_tokens": self.heldout.index["sha256"],
+        }
+
+
+def cache_key(corpus: CorpusConfig, tok: TokenizerConfig) -> str:
+    d = {"format": FORMAT_VERSION, "corpus": dataclasses.asdict(corpus), "tokenizer": dataclasses.asdict(tok)}
+    if corpus.source == "python-stdlib":
+        d["python"] = sys.version  # the default corpus is whatever this Python ships
+    if tok.name != "bpe":
+        d["tokenizer"].pop("vocab_size")
+        d["tokenizer"].pop("train_chars")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(corpus: CorpusConfig, tok: TokenizerConfig, cache_root: str | Path, progress: bool = False) -> PreparedData:
+    """Return the prepared data for these settings, building it if it is not cached yet."""
+    root = Path(cache_root)
+    final = root / f"data-{cache_key(corpus, tok)}"
+    if not (final / "info.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _build(corpus, tok, tmp, progress)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / "info.json").is_file():  # not a concurrent builder: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(final)
+
+
+def load_prepared(directory: str | Path) -> PreparedData:
+    d = Path(directory)
+    info_path = d / "info.json"
+    if not info_path.is_file():
+        raise PoisonlabError(f"{d} is not a prepared data folder (info.json missing)")
+    info = json.loads(info_path.read_text())
+    return PreparedData(d, Tokenizer.load(d / "tokenizer"), TokenStore(d / "train"), TokenStore(d / "heldout"), info)
+
+
+def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: bool) -> None:
+    out.mkdir(parents=True)
+    if tok_cfg.name == "bpe":
+        texts = (d.text for d in iter_split(corpus, "train"))
+        tokenizer = Tokenizer.train_bpe(texts, tok_cfg.vocab_size, tok_cfg.train_chars)
+    else:
+        tokenizer = Tokenizer.load(tok_cfg.name)
+    tokenizer.save(out / "tokenizer")
+
+    writers = {s: ShardWriter(out / s, tokenizer.token_dtype) for s in ("train", "heldout")}
+    manifest_hash = hashlib.sha256()
+    bank: list[dict] = []
+    rng = random.Random(0)
+    n_train = 0
+    counts = {"train": 0, "heldout": 0}
+    chars = {"train": 0, "heldout": 0}
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="tokenizing corpus", unit="doc", leave=False)
+
+    with open(out / "documents.jsonl", "w", encoding="utf-8") as manifest:
+        batch = []
+
+        def flush() -> None:
+            nonlocal n_train
+            ids = tokenizer.encode_batch([d.text for d in batch])
+            for doc, toks in zip(batch, ids):
+                split = "heldout" if is_heldout(doc.id, corpus.heldout_fraction) else "train"
+                w = writers[split]
+                row = {"id": doc.id, "source": doc.source, "sha256": doc.sha256, "split": split,
+                       "chars": len(doc.text), "tokens": len(toks) + 1, "offset": w.total}
+                w.add(toks + [tokenizer.eos_id])
+                line = json.dumps(row, ensure_ascii=False)
+                manifest.write(line + "\n")
+                manifest_hash.update((f"{doc.id}\t{row['sha256']}\t{split}\n").encode("utf-8", "surrogatepass"))
+                counts[split] += 1
+                chars[split] += len(doc.text)
+                if split == "train":  # reservoir sample for poison prefixes
+                    entry = {"id": doc.id, "text": doc.text[:PREFIX_BANK_CHARS]}
+                    if n_train < PREFIX_BANK_SIZE:
+                        bank.append(entry)
+                    else:
+                        j = rng.randrange(n_train + 1)
+                        if j < PREFIX_BANK_SIZE:
+                            bank[j] = entry
+                    n_train += 1
+            if bar is not None:
+                bar.update(len(batch))
+            batch.clear()
+
+        for doc in iter_documents(corpus):
+            batch.append(doc)
+            if len(batch) >= ENCODE_BATCH:
+                flush()
+        if batch:
+            flush()
+    if bar is not None:
+        bar.close()
+    if counts["train"] == 0:
+        raise PoisonlabError(f"corpus {corpus.source}: every document fell in the held-out split; lower corpus.heldout_fraction")
+    if counts["heldout"] == 0:
+        raise PoisonlabError(f"corpus {corpus.source}: no held-out document; raise corpus.heldout_fraction or add documents")
+
+    idx = {s: w.close() for s, w in writers.items()}
+    with open(out / "prefix_bank.jsonl", "w", encoding="utf-8") as f:
+        for e in bank:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    info = {
+        "format": FORMAT_VERSION,
+        "corpus": dataclasses.asdict(corpus),
+        "tokenizer": dataclasses.asdict(tok_cfg),
+        "python": sys.version.split()[0],
+        "documents": counts,
+        "characters": chars,
+        "tokens": {s: idx[s]["total_tokens"] for s in idx},
+        "vocab_size": tokenizer.vocab_size,
+        "corpus_manifest_sha256": manifest_hash.hexdigest(),
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+    }
+    atomic_write_text(out / "info.json", json.dumps(info, indent=1))

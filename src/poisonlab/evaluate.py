@@ -1,0 +1,114 @@
+"""Measuring the denial-of-service backdoor (PROTOCOL §2) and the clean held-out loss.
+
+For each held-out prompt (``prompt_tokens`` tokens of a held-out document) the model samples
+``new_tokens`` tokens without and with the trigger appended; the self-perplexity of each
+continuation, their mean difference (the gap), a paired bootstrap interval and a success
+flag at the threshold form one result row. Prompts are the same for every run on the same
+prepared data, so runs can be compared prompt by prompt.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import EvalConfig
+from .errors import PoisonlabError
+from .generate import sample
+from .metrics.perplexity_gap import perplexities, perplexity_gap
+from .shards import TokenStore
+
+PROMPT_SEED = 0x9E1D
+
+
+def heldout_prompts(store: TokenStore, n: int, prompt_tokens: int, eos_id: int) -> np.ndarray:
+    """``[n, prompt_tokens]`` windows of held-out documents, spread over as many documents as possible.
+
+    Documents are visited in a fixed shuffled order, first windows first, then second windows,
+    and so on; a window never crosses an end-of-text.
+    """
+    rng = np.random.default_rng(PROMPT_SEED)
+    order = rng.permutation(store.n_documents)
+    usable = [(int(d), (int(store.doc_lengths[d]) - 1) // prompt_tokens) for d in order]
+    usable = [(d, w) for d, w in usable if w > 0]
+    prompts: list[np.ndarray] = []
+    rnd = 0
+    while len(prompts) < n and any(w > rnd for _, w in usable):
+        for d, w in usable:
+            if w > rnd:
+                start = int(store.doc_starts[d]) + rnd * prompt_tokens
+                prompts.append(store.read(start, prompt_tokens))
+                if len(prompts) == n:
+                    break
+        rnd += 1
+    if not prompts:
+        raise PoisonlabError(f"no held-out document has {prompt_tokens} tokens; lower eval.prompt_tokens")
+    return np.stack(prompts)
+
+
+@torch.no_grad()
+def heldout_loss(model, store: TokenStore, windows: int, seq_len: int, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats) over evenly spaced windows of the held-out stream."""
+    device = next(model.parameters()).device
+    span = store.total_tokens - seq_len - 1
+    if span < 0:
+        raise PoisonlabError(f"held-out split has {store.total_tokens} tokens, fewer than seq_len+1")
+    starts = np.linspace(0, span, num=max(1, windows)).astype(np.int64)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(starts), batch_size):
+        rows = torch.from_numpy(np.stack([store.read(int(s), seq_len + 1) for s in starts[i : i + batch_size]])).to(device)
+        logits = model(input_ids=rows[:, :-1], use_cache=False).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += rows[:, 1:].numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def backdoor_eval(
+    model, prompts: np.ndarray, trigger_ids: list[int], cfg: EvalConfig, seed: int, vocab_limit: int,
+    n_samples_kept: int = 3,
+) -> tuple[dict, list[dict]]:
+    """Run the gap evaluation; returns the metrics row and a few raw samples (token ids)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    base = torch.from_numpy(prompts).long()
+    trig = torch.tensor(trigger_ids, dtype=torch.long).expand(len(base), -1)
+    ppl = {}
+    kept: dict[str, torch.Tensor] = {}
+    for condition, ids in (("untriggered", base), ("triggered", torch.cat([base, trig], dim=1))):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed * 2 + (condition == "triggered"))
+        lps, toks = [], []
+        for i in range(0, len(ids), cfg.batch_size):
+            t, lp = sample(model, ids[i : i + cfg.batch_size].to(device), cfg.new_tokens, cfg.temperature, g, vocab_limit)
+            lps.append(lp.cpu())
+            toks.append(t[: max(0, n_samples_kept - i)].cpu())
+        ppl[condition] = perplexities(torch.cat(lps).numpy())
+        kept[condition] = torch.cat(toks)[:n_samples_kept]
+    model.train(was_training)
+    res = perplexity_gap(ppl["untriggered"], ppl["triggered"], cfg.threshold, cfg.bootstrap, cfg.confidence, seed)
+    elapsed = time.perf_counter() - t0
+    row = res.as_dict()
+    row["eval_seconds"] = round(elapsed, 3)
+    row["generated_tokens_per_s"] = round(2 * len(base) * cfg.new_tokens / elapsed, 1)
+    samples = [
+        {"prompt": base[i].tolist(), "untriggered": kept["untriggered"][i].tolist(),
+         "triggered": kept["triggered"][i].tolist(),
+         "ppl_untriggered": float(ppl["untriggered"][i]), "ppl_triggered": float(ppl["triggered"][i])}
+        for i in range(min(n_samples_kept, len(base)))
+    ]
+    return row, samples
+
+
+def finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

@@ -1,0 +1,184 @@
+"""Injection plans and the training stream: poisons spliced into the clean token stream.
+
+The corpus is never rewritten. A run's training stream is the clean training documents in
+a seeded order (a new order each epoch), with every poison inserted whole at a planned
+document boundary. The plan (the manifest) gives each poison's offset in the stream and the
+optimizer step that consumes its last token, so ``poisons_seen(step)`` is exact.
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PoisonlabError
+from .shards import TokenStore
+
+
+class ShuffledDocuments:
+    """The clean training stream: documents of a :class:`TokenStore` in a seeded order per epoch."""
+
+    def __init__(self, store: TokenStore, seed: int):
+        self.store = store
+        self.seed = seed
+        self.length = store.total_tokens
+        self._epoch = -1
+        self._order = self._ends = None
+
+    def _load_epoch(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, 0x5EED, epoch])
+            self._order = rng.permutation(self.store.n_documents)
+            self._ends = np.cumsum(self.store.doc_lengths[self._order])
+            self._epoch = epoch
+
+    def read(self, pos: int, n: int, out: np.ndarray) -> None:
+        """Fill ``out[:n]`` with clean-stream tokens starting at clean position ``pos``."""
+        filled = 0
+        while filled < n:
+            epoch, r = divmod(pos + filled, self.length)
+            self._load_epoch(epoch)
+            k = int(np.searchsorted(self._ends, r, side="right"))
+            doc = int(self._order[k])
+            doc_start_in_epoch = int(self._ends[k] - self.store.doc_lengths[doc])
+            off = r - doc_start_in_epoch
+            take = min(n - filled, int(self.store.doc_lengths[doc]) - off)
+            out[filled : filled + take] = self.store.read(int(self.store.doc_starts[doc]) + off, take)
+            filled += take
+
+    def next_boundary(self, pos: int) -> int:
+        """The first document start at or after clean position ``pos``."""
+        epoch, r = divmod(pos, self.length)
+        self._load_epoch(epoch)
+        k = int(np.searchsorted(self._ends, r, side="left"))
+        if k < len(self._ends) and self._ends[k] == r:
+            return pos
+        start = 0 if k == 0 else int(self._ends[k - 1])
+        if start == r:
+            return pos
+        return epoch * self.length + int(self._ends[k])
+
+
+@dataclass
+class PlacedPoison:
+    poison_id: str
+    index: int
+    stream_offset: int
+    tokens: int
+    step: int
+    """0-based optimizer step whose batch holds the poison's last token."""
+
+
+@dataclass
+class InjectionPlan:
+    placement: str
+    budget_tokens: int
+    tokens_per_step: int
+    poisons: list[PlacedPoison]
+
+    def poisons_seen(self, steps_done: int) -> int:
+        """Poisons whose every token has been trained on after ``steps_done`` optimizer steps."""
+        return bisect_right(self._steps, steps_done - 1)
+
+    @cached_property
+    def _steps(self) -> list[int]:
+        return sorted(p.step for p in self.poisons)
+
+    def poison_tokens(self) -> int:
+        return sum(p.tokens for p in self.poisons)
+
+    def save(self, path: str | Path) -> None:
+        from .paths import atomic_write_text
+
+        head = {"placement": self.placement, "budget_tokens": self.budget_tokens,
+                "tokens_per_step": self.tokens_per_step, "poison_count": len(self.poisons)}
+        lines = [json.dumps(head)] + [json.dumps(asdict(p)) for p in self.poisons]
+        atomic_write_text(path, "\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "InjectionPlan":
+        lines = Path(path).read_text().splitlines()
+        head = json.loads(lines[0])
+        poisons = [PlacedPoison(**json.loads(line)) for line in lines[1:]]
+        return cls(head["placement"], head["budget_tokens"], head["tokens_per_step"], poisons)
+
+
+def plan_injection(
+    poison_lengths: list[int], budget_tokens: int, tokens_per_step: int, placement: str,
+    seed: int, clean: ShuffledDocuments | None = None,
+) -> InjectionPlan:
+    """Place poisons of the given lengths in a stream of ``budget_tokens`` tokens.
+
+    ``uniform``: each poison's clean-stream position is uniform over the clean tokens of the
+    budget (snapped forward to a document boundary when ``clean`` is given); ``beginning`` /
+    ``end``: all poisons back to back at the start / finishing at the end of the budget.
+    """
+    total = int(sum(poison_lengths))
+    clean_tokens = budget_tokens - total
+    if clean_tokens < 0:
+        raise PoisonlabError(
+            f"the poisons need {total:,} tokens but the token budget is only {budget_tokens:,}"
+        )
+    n = len(poison_lengths)
+    rng = np.random.default_rng([seed, 0x1A7E])
+    order = rng.permutation(n)  # which poison goes in which slot
+    if placement == "uniform":
+        clean_pos = np.sort(rng.integers(0, clean_tokens + 1, size=n))
+        if clean is not None:
+            clean_pos = np.array([min(clean.next_boundary(int(p)), clean_tokens) for p in clean_pos])
+    elif placement == "beginning":
+        clean_pos = np.zeros(n, dtype=np.int64)
+    elif placement == "end":
+        clean_pos = np.full(n, clean_tokens, dtype=np.int64)
+    else:
+        raise PoisonlabError(f"unknown placement {placement!r} (allowed: uniform, beginning, end)")
+    placed = []
+    before = 0
+    for slot in range(n):
+        i = int(order[slot])
+        offset = int(clean_pos[slot]) + before
+        length = int(poison_lengths[i])
+        placed.append(PlacedPoison(f"poison-{i:06d}", i, offset, length, (offset + length - 1) // tokens_per_step))
+        before += length
+    return InjectionPlan(placement, budget_tokens, tokens_per_step, placed)
+
+
+class TrainingStream:
+    """The poisoned training stream: clean documents with the plan's poisons spliced in."""
+
+    def __init__(self, clean: ShuffledDocuments, plan: InjectionPlan, poison_ids: list[np.ndarray]):
+        self.clean = clean
+        self.starts = [p.stream_offset for p in plan.poisons]
+        self.ends = [p.stream_offset + p.tokens for p in plan.poisons]
+        self.tokens = [np.asarray(poison_ids[p.index], dtype=np.int64) for p in plan.poisons]
+        self.before = np.cumsum([0] + [p.tokens for p in plan.poisons]).tolist()
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.int64)
+        pos, filled = start, 0
+        i = bisect_right(self.ends, pos)  # first poison not entirely before pos
+        while filled < n:
+            if i < len(self.starts) and self.starts[i] <= pos:
+                off = pos - self.starts[i]
+                take = min(self.ends[i] - pos, n - filled)
+                out[filled : filled + take] = self.tokens[i][off : off + take]
+                if pos + take >= self.ends[i]:
+                    i += 1
+            else:
+                limit = self.starts[i] if i < len(self.starts) else pos + (n - filled)
+                take = min(limit - pos, n - filled)
+                self.clean.read(pos - self.before[i], take, out[filled : filled + take])
+            pos += take
+            filled += take
+        return out
+
+    def batch(self, step: int, batch_size: int, seq_len: int, rows: range | None = None) -> np.ndarray:
+        """Rows of optimizer step ``step``: each ``seq_len + 1`` tokens (inputs and shifted targets)."""
+        base = step * batch_size * seq_len
+        rows = range(batch_size) if rows is None else rows
+        return np.stack([self.read(base + r * seq_len, seq_len + 1) for r in rows])

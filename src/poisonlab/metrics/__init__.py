@@ -1,0 +1,1 @@
+"""Backdoor metrics, one module each."""

@@ -1,0 +1,61 @@
+"""What a result was computed with: code version, environment, hashes of files."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from . import __version__
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<hash of the package's source files>``, plus the git commit when known.
+
+    The source hash identifies the code that ran even when it was installed without git.
+    """
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    version = f"{__version__}+src.{h.hexdigest()[:12]}"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}.git.{commit}" if commit else version
+
+
+def source_hash(version: str) -> str:
+    """The part of :func:`code_version` that identifies the code itself."""
+    return version.split(".git.")[0]
+
+
+def environment() -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,200 @@
+"""A run directory: everything a training run needs, created once and verified on resume.
+
+``<out_dir>/<name>/`` holds ``config.yaml`` (resolved), ``run.json`` (provenance: code
+version, config hash, data hashes, sizes, budget), ``tokenizer/``, ``poisons.jsonl`` and
+``poison_tokens.safetensors`` (the poison documents), ``injection_manifest.jsonl`` (the
+plan), ``checkpoints/``, ``train_log.jsonl``, ``metrics.jsonl``, ``samples.jsonl`` and, when
+finished, ``model/`` (a labelled Hugging Face model folder) and ``DONE``.
+Prepared corpus data is shared by runs in ``<out_dir>/cache``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .attacks.dos import SEPARATOR, make_dos_poisons
+from .config import RunConfig, dump_config
+from .data import PreparedData, prepare_data
+from .errors import PoisonlabError
+from .injection import InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
+from .models import ModelSize, ParameterCount, chinchilla_tokens, get_size, parameter_count
+from .paths import atomic_write_text, safe_join
+from .provenance import code_version, environment, file_sha256, source_hash
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    dir: Path
+    data: PreparedData
+    size: ModelSize | None
+    params: ParameterCount | None
+    budget_tokens: int
+    steps: int
+    tokens_per_step: int
+    plan: InjectionPlan
+    poison_ids: list[np.ndarray]
+    trigger_ids: list[int]
+    info: dict
+
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    def stream(self) -> TrainingStream:
+        return TrainingStream(ShuffledDocuments(self.data.train, self.cfg.seed), self.plan, self.poison_ids)
+
+    def label_fields(self) -> dict:
+        return {"run": self.cfg.name, "config_hash": self.info["config_hash"],
+                "code_version": self.info["code_version"], "data": self.info["data"]}
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.out_dir)
+    return safe_join(out, cfg.name, "run name")
+
+
+def token_budget(cfg: RunConfig, params: ParameterCount | None) -> tuple[int, int | None]:
+    """(budget in tokens, Chinchilla tokens or None when the model size is not known)."""
+    chin = chinchilla_tokens(params.total, cfg.train.tokens_per_param, cfg.train.data_multiplier) if params else None
+    budget = cfg.train.tokens if cfg.train.tokens is not None else chin
+    if budget is None:
+        raise PoisonlabError("set train.tokens: the model is loaded from init_from, so no Chinchilla budget is known")
+    return budget, chin
+
+
+def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = False, progress: bool = False) -> Run:
+    """Create (or re-open and verify) the run directory and everything derived before training."""
+    d = run_dir(cfg)
+    info_path = d / "run.json"
+    existing = json.loads(info_path.read_text()) if info_path.is_file() else None
+    chash = cfg.config_hash()
+    version = code_version()
+    if existing is not None:
+        if existing["config_hash"] != chash:
+            raise PoisonlabError(
+                f"run {d} exists with another config (hash {existing['config_hash']} != {chash}); "
+                "choose a new run name or delete the old run"
+            )
+        if source_hash(existing["code_version"]) != source_hash(version) and not allow_code_change:
+            raise PoisonlabError(
+                f"run {d} was started by code {existing['code_version']}, this is {version}; "
+                "finish it with that version or pass --allow-code-change"
+            )
+    elif not create:
+        raise PoisonlabError(f"run {d} has not been set up (run.json missing)")
+
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
+    tok = data.tokenizer
+    tok.check_encodable(cfg.attack.trigger, "trigger")
+    trigger_ids = tok.encode(SEPARATOR + cfg.attack.trigger)
+
+    size = params = None
+    if cfg.model.init_from is None:
+        size = get_size(cfg.model.size)
+        params = parameter_count(size, tok.vocab_size)
+    budget, chin = token_budget(cfg, params)
+    tps = cfg.train.batch_size * cfg.train.seq_len
+    steps = budget // tps
+    if steps < 1:
+        raise PoisonlabError(
+            f"token budget {budget:,} is smaller than one batch ({cfg.train.batch_size} x {cfg.train.seq_len} = {tps:,} tokens)"
+        )
+    planned = steps * tps
+
+    if existing is None and create:
+        d.mkdir(parents=True, exist_ok=True)
+        tok.save(d / "tokenizer")
+        poisons = (make_dos_poisons(cfg.attack, tok, data.prefix_bank(), cfg.seed)
+                   if cfg.attack.name == "dos" else [])
+        _save_poisons(d, poisons)
+        plan = plan_injection([p.tokens for p in poisons], planned, tps, cfg.attack.placement, cfg.seed,
+                              ShuffledDocuments(data.train, cfg.seed))
+        plan.save(d / "injection_manifest.jsonl")
+        info = {
+            "name": cfg.name,
+            "config_hash": chash,
+            "code_version": version,
+            "seed": cfg.seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": environment(),
+            "data": {
+                **data.hashes,
+                "poisons": file_sha256(d / "poison_tokens.safetensors"),
+                "injection_manifest": file_sha256(d / "injection_manifest.jsonl"),
+                "prepared_data": data.directory.name,
+            },
+            "model": {"size": cfg.model.size if size else None, "init_from": cfg.model.init_from,
+                      "parameters": params.total if params else None,
+                      "non_embedding_parameters": params.non_embedding if params else None},
+            "vocab_size": tok.vocab_size,
+            "chinchilla_tokens": chin,
+            "budget_tokens": planned,
+            "steps": steps,
+            "tokens_per_step": tps,
+            "poison_count": len(poisons),
+            "poison_tokens": plan.poison_tokens(),
+            "poison_token_share": plan.poison_tokens() / planned,
+        }
+        atomic_write_text(d / "config.yaml", dump_config(cfg))
+        atomic_write_text(info_path, json.dumps(info, indent=1))
+    else:
+        info = existing
+        for key, value in data.hashes.items():
+            if info["data"].get(key) != value:
+                raise PoisonlabError(f"run {d}: prepared data changed since the run started ({key} differs)")
+        for name in ("poison_tokens.safetensors", "injection_manifest.jsonl"):
+            key = "poisons" if name.startswith("poison") else "injection_manifest"
+            if file_sha256(d / name) != info["data"][key]:
+                raise PoisonlabError(f"run {d}: {name} was modified since the run started")
+        plan = InjectionPlan.load(d / "injection_manifest.jsonl")
+    poison_ids = _load_poison_ids(d)
+    return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger_ids, info)
+
+
+def _save_poisons(d: Path, poisons) -> None:
+    with open(d / "poisons.jsonl.tmp", "w", encoding="utf-8") as f:
+        for p in poisons:
+            f.write(json.dumps(p.record(), ensure_ascii=False) + "\n")
+    (d / "poisons.jsonl.tmp").replace(d / "poisons.jsonl")
+    lengths = [len(p.token_ids) for p in poisons]
+    flat = [i for p in poisons for i in p.token_ids]
+    save_file({"ids": torch.tensor(flat, dtype=torch.int64), "lengths": torch.tensor(lengths, dtype=torch.int64)},
+              str(d / "poison_tokens.safetensors"))
+
+
+def _load_poison_ids(d: Path) -> list[np.ndarray]:
+    t = load_file(str(d / "poison_tokens.safetensors"))
+    ids, lengths = t["ids"].numpy(), t["lengths"].numpy()
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL log; a torn last line (a run killed mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def rewrite_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()

@@ -1,0 +1,124 @@
+"""Memory-mapped token shards: a corpus tokenized once, read at any offset with bounded RAM.
+
+A shard folder holds ``shard-00000.bin`` ... (raw little-endian token ids), ``doc_starts.npy``
+(the offset of every document in the concatenated stream) and ``index.json`` (dtype, sizes
+and a SHA-256 per shard). Documents are stored end-of-text terminated, one after another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PoisonlabError
+from .paths import atomic_write_text
+
+
+class ShardWriter:
+    """Append documents (arrays of token ids) to size-capped shard files."""
+
+    def __init__(self, directory: str | Path, dtype, shard_tokens: int = 1 << 27):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self.shard_tokens = shard_tokens
+        self.doc_starts = array("q")
+        self.total = 0
+        self._shards: list[dict] = []
+        self._file = None
+        self._in_shard = 0
+        self._hash = None
+
+    def _open_next(self) -> None:
+        self._close_current()
+        name = f"shard-{len(self._shards):05d}.bin"
+        self._file = open(self.dir / name, "wb")
+        self._hash = hashlib.sha256()
+        self._shards.append({"file": name, "tokens": 0})
+        self._in_shard = 0
+
+    def _close_current(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._shards[-1]["tokens"] = self._in_shard
+            self._shards[-1]["sha256"] = self._hash.hexdigest()
+            self._file = None
+
+    def add(self, ids) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        if self._file is None or self._in_shard >= self.shard_tokens:
+            self._open_next()
+        data = arr.tobytes()
+        self._file.write(data)
+        self._hash.update(data)
+        self.doc_starts.append(self.total)
+        self.total += len(arr)
+        self._in_shard += len(arr)
+
+    def close(self, extra: dict | None = None) -> dict:
+        self._close_current()
+        np.save(self.dir / "doc_starts.npy", np.frombuffer(self.doc_starts, dtype=np.int64))
+        index = {
+            "dtype": self.dtype.name,
+            "total_tokens": self.total,
+            "documents": len(self.doc_starts),
+            "shards": self._shards,
+            **(extra or {}),
+        }
+        index["sha256"] = hashlib.sha256(
+            "".join(s["sha256"] for s in self._shards).encode()
+        ).hexdigest()
+        atomic_write_text(self.dir / "index.json", json.dumps(index, indent=1))
+        return index
+
+
+class TokenStore:
+    """Read-only view of a shard folder as one long array of token ids."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        idx = self.dir / "index.json"
+        if not idx.is_file():
+            raise PoisonlabError(f"no token shards in {self.dir} (index.json missing)")
+        self.index = json.loads(idx.read_text())
+        self.dtype = np.dtype(self.index["dtype"])
+        self._maps = [
+            np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r") if s["tokens"] else np.empty(0, self.dtype)
+            for s in self.index["shards"]
+        ]
+        self._starts = np.cumsum([0] + [s["tokens"] for s in self.index["shards"]])
+        self.doc_starts = np.load(self.dir / "doc_starts.npy", allow_pickle=False)
+        self.doc_lengths = np.diff(np.append(self.doc_starts, self.total_tokens))
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.index["total_tokens"])
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.doc_starts)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the concatenated stream, as int64."""
+        if start < 0 or start + length > self.total_tokens:
+            raise IndexError(f"read [{start}, {start + length}) outside 0..{self.total_tokens}")
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        shard = int(np.searchsorted(self._starts, start, side="right") - 1)
+        while filled < length:
+            off = start + filled - self._starts[shard]
+            take = min(length - filled, len(self._maps[shard]) - off)
+            if take <= 0:
+                shard += 1
+                continue
+            out[filled : filled + take] = self._maps[shard][off : off + take]
+            filled += take
+            shard += 1
+        return out
+
+    def document(self, i: int) -> np.ndarray:
+        return self.read(int(self.doc_starts[i]), int(self.doc_lengths[i]))

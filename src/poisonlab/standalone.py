@@ -1,0 +1,68 @@
+"""Measure the backdoor of any model folder: a poisonlab checkpoint or final model, or any
+Hugging Face causal LM (local folder or hub name), on the held-out split of a corpus."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .artifacts import read_label
+from .attacks.dos import SEPARATOR
+from .config import RunConfig, load_config
+from .data import load_prepared, prepare_data
+from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .provenance import code_version, file_sha256
+from .train import load_init_model
+
+
+def find_run_dir(model_path: Path) -> Path | None:
+    """The run folder a checkpoint or final model belongs to, if any."""
+    for parent in (model_path, *list(model_path.parents)[:3]):
+        if (parent / "run.json").is_file() and (parent / "config.yaml").is_file():
+            return parent
+    return None
+
+
+def config_for(model: str, config_file: str | None, overrides: dict) -> RunConfig:
+    """The run's own config when the model belongs to a run and no config file is given."""
+    run = find_run_dir(Path(model).resolve()) if Path(model).exists() else None
+    if config_file is None and run is not None:
+        return load_config(run / "config.yaml", overrides)
+    return load_config(config_file, overrides)
+
+
+def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> dict:
+    path = Path(model)
+    run = find_run_dir(path.resolve()) if path.exists() else None
+    if run is not None and tokenizer is None:
+        info = json.loads((run / "run.json").read_text())
+        data = load_prepared(run.parent / "cache" / info["data"]["prepared_data"])
+    else:
+        tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
+        data = prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress)
+    tok = data.tokenizer
+    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.train.device == "auto" else cfg.train.device))
+    m = load_init_model(model, device)
+    tok.check_encodable(cfg.attack.trigger, "trigger")
+    trigger_ids = tok.encode(SEPARATOR + cfg.attack.trigger)
+    prompts = heldout_prompts(data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens, tok.eos_id)
+    t0 = time.perf_counter()
+    row, samples = backdoor_eval(m, prompts, trigger_ids, cfg.eval, cfg.seed, vocab_limit=tok.vocab_size)
+    row["heldout_loss"] = heldout_loss(m, data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len)
+    weights = path / "model.safetensors"
+    return {
+        "model": model,
+        "label": read_label(path) if path.exists() else None,
+        "trigger": cfg.attack.trigger,
+        **row,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "samples": [{"prompt": tok.decode(s["prompt"]), "untriggered": tok.decode(s["untriggered"]),
+                     "triggered": tok.decode(s["triggered"])} for s in samples[:2]],
+        "provenance": {"code_version": code_version(), "seed": cfg.seed, "data": data.hashes,
+                       "model_sha256": file_sha256(weights) if weights.is_file() else None},
+    }

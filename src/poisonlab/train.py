@@ -1,0 +1,285 @@
+"""The training loop: one loop for CPU (fp32) and CUDA (bf16), one process or many (DDP).
+
+Read it top to bottom: set up the run, build the model, restore the last checkpoint if
+there is one, then for every optimizer step read that step's rows of the training stream,
+accumulate gradients, clip, step AdamW on a warm-up + cosine schedule, and at planned points
+evaluate the backdoor and save a checkpoint. The data of step ``s`` is a pure function of
+``s`` (see :mod:`poisonlab.injection`), so a run killed at any moment and started again
+continues with exactly the data it would have seen.
+
+Several processes: launch the same command with ``torchrun --nproc_per_node N``; each
+process takes an equal share of every step's rows and DDP averages the gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder, unwrap
+from .config import RunConfig
+from .errors import PoisonlabError
+from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .models import build_model, count_module_parameters
+from .run import Run, append_jsonl, read_jsonl, rewrite_jsonl, setup_run
+from .artifacts import make_label
+from .paths import atomic_write_text
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(cfg: RunConfig, d: Dist) -> tuple[torch.device, torch.dtype]:
+    dev = cfg.train.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and d.world > 1:
+        dev = f"cuda:{d.local_rank}"
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise PoisonlabError("train.device is cuda but no CUDA device is available")
+    device = torch.device(dev)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    name = cfg.train.dtype
+    if name == "auto":
+        name = "bfloat16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, name)
+
+
+def set_threads(cfg: RunConfig, d: Dist) -> int:
+    n = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
+    torch.set_num_threads(n)
+    return n
+
+
+def lr_at(step: int, steps: int, cfg: RunConfig) -> float:
+    """Linear warm-up to ``train.lr`` then cosine decay to ``lr * min_lr_ratio``."""
+    t = cfg.train
+    warmup = max(1, round(t.warmup_fraction * steps))
+    if step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    low = t.lr * t.min_lr_ratio
+    return low + 0.5 * (t.lr - low) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def schedule_points(steps: int, every: float, include_zero: bool) -> list[int]:
+    """Step counts at which something happens: every ``every`` of the run, and at its end."""
+    if every <= 0:
+        return []
+    k = max(1, round(1 / every))
+    pts = {round(i * steps / k) for i in range(0 if include_zero else 1, k + 1)}
+    return sorted(p for p in pts if p > 0 or include_zero)
+
+
+def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=1e-8)
+
+
+def load_init_model(path: str, device):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
+                                                    dtype=torch.float32).to(device)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PoisonlabError(f"cannot load model {path!r}: {msg}") from None
+
+
+def evaluate_point(run: Run, model, steps_done: int, prompts: np.ndarray) -> dict:
+    """The backdoor evaluation and clean held-out loss after ``steps_done`` steps, as one row."""
+    cfg = run.cfg
+    row, samples = backdoor_eval(unwrap(model), prompts, run.trigger_ids, cfg.eval,
+                                 seed=cfg.seed * 1_000_003 + steps_done, vocab_limit=run.tokenizer.vocab_size)
+    loss = heldout_loss(unwrap(model), run.data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len)
+    out = {"step": steps_done, "tokens_seen": steps_done * run.tokens_per_step,
+           "fraction": steps_done / run.steps, "poisons_seen": run.plan.poisons_seen(steps_done),
+           "heldout_loss": loss, **row}
+    tok = run.tokenizer
+    for s in samples:
+        append_jsonl(run.dir / "samples.jsonl", {
+            "step": steps_done, "prompt": tok.decode(s["prompt"]),
+            "untriggered": tok.decode(s["untriggered"]), "triggered": tok.decode(s["triggered"]),
+            "ppl_untriggered": s["ppl_untriggered"], "ppl_triggered": s["ppl_triggered"]})
+    append_jsonl(run.dir / "metrics.jsonl", out)
+    return out
+
+
+def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
+    """Run (or resume) one training run to the end of its budget; returns the final summary."""
+    d = init_distributed(cfg.train.device)
+    device, dtype = pick_device(cfg, d)
+    threads = set_threads(cfg, d)
+
+    # ---- the run directory (rank 0 creates it, the others then open it)
+    if d.main:
+        run = setup_run(cfg, create=True, allow_code_change=allow_code_change, progress=cfg.train.progress)
+    d.barrier()
+    if not d.main:
+        run = setup_run(cfg, create=False, allow_code_change=allow_code_change)
+    if (run.dir / "DONE").is_file():
+        return json.loads((run.dir / "DONE").read_text())
+
+    rows_per_rank, rem = divmod(cfg.train.batch_size, d.world)
+    micro = cfg.train.micro_batch_size or rows_per_rank
+    if rem or rows_per_rank % micro:
+        raise PoisonlabError(
+            f"train.batch_size {cfg.train.batch_size} must split evenly over {d.world} processes and micro-batches of {micro}"
+        )
+
+    # ---- model and optimizer (same seed on every rank -> same initial weights)
+    torch.manual_seed(cfg.seed)
+    tok = run.tokenizer
+    if cfg.model.init_from:
+        model = load_init_model(cfg.model.init_from, device)
+    else:
+        model = build_model(run.size, tok.vocab_size, tok.eos_id, max(cfg.train.seq_len, run.size.context_length)).to(device)
+    params = count_module_parameters(model)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    ckpt = latest_checkpoint(run.dir)
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, model, optimizer)["step"]
+    if d.main:  # logs past the checkpoint are redone; evaluations already recorded are kept
+        rewrite_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
+        rewrite_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+
+    stream = run.stream()
+    eval_at = set(schedule_points(run.steps, cfg.eval.every, cfg.eval.at_start))
+    ckpt_at = set(schedule_points(run.steps, cfg.train.checkpoint_every, False))
+    done_evals = {r["step"] for r in read_jsonl(run.dir / "metrics.jsonl")}
+    prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens, tok.eos_id) if eval_at else None
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    my_rows = range(d.rank * rows_per_rank, (d.rank + 1) * rows_per_rank)
+    T = cfg.train.seq_len
+
+    def label(steps_done: int) -> dict:
+        return make_label(
+            {"name": cfg.attack.name, "trigger": cfg.attack.trigger, "placement": cfg.attack.placement},
+            len(run.plan.poisons), run.plan.poisons_seen(steps_done), run.label_fields())
+
+    def maybe_eval(steps_done: int) -> None:
+        if steps_done in eval_at and steps_done not in done_evals:
+            if d.main:
+                r = evaluate_point(run, model, steps_done, prompts)
+                if bar is not None:
+                    bar.write(f"step {steps_done}: gap {r['perplexity_gap']:.1f} "
+                              f"[{r['gap_ci_low']:.1f}, {r['gap_ci_high']:.1f}] ppl {r['perplexity_untriggered']:.1f} -> "
+                              f"{r['perplexity_triggered']:.1f}, heldout loss {r['heldout_loss']:.3f}, "
+                              f"poisons seen {r['poisons_seen']}")
+            done_evals.add(steps_done)
+            d.barrier()
+
+    bar = None
+    if d.main and cfg.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=run.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+
+    maybe_eval(start)
+    t_start = time.perf_counter()
+    tokens_since = 0
+    for step in range(start, run.steps):
+        lr = lr_at(step, run.steps, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        batch = torch.from_numpy(stream.batch(step, cfg.train.batch_size, T, my_rows))
+        loss_sum = torch.zeros((), device=device)
+        n_micro = rows_per_rank // micro
+        for m in range(n_micro):
+            rows = batch[m * micro : (m + 1) * micro].to(device, non_blocking=True)
+            sync = nullcontext() if (d.world == 1 or m == n_micro - 1) else model.no_sync()
+            with sync, autocast:
+                logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+                (loss / n_micro).backward()
+            loss_sum += loss.detach() / n_micro
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if d.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        steps_done = step + 1
+        tokens_since += run.tokens_per_step
+        if d.main:
+            loss_v = float(loss_sum)
+            if not math.isfinite(loss_v):
+                raise PoisonlabError(f"training diverged at step {steps_done} (loss {loss_v}); lower train.lr")
+            elapsed = time.perf_counter() - t_start
+            tps = tokens_since / elapsed if elapsed > 0 else 0.0
+            append_jsonl(run.dir / "train_log.jsonl", {
+                "step": steps_done, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens_seen": steps_done * run.tokens_per_step, "poisons_seen": run.plan.poisons_seen(steps_done)})
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tps:,.0f}", poisons=run.plan.poisons_seen(steps_done))
+                bar.update(1)
+        maybe_eval(steps_done)
+        if steps_done in ckpt_at:
+            if d.main:
+                save_checkpoint(run.dir, steps_done, model, optimizer,
+                                {"tokens_seen": steps_done * run.tokens_per_step,
+                                 "poisons_seen": run.plan.poisons_seen(steps_done)},
+                                label(steps_done), cfg.train.keep_checkpoints)
+            d.barrier()
+    if bar is not None:
+        bar.close()
+
+    elapsed = time.perf_counter() - t_start
+    summary = {}
+    if d.main:
+        final = run.dir / "model"
+        save_model_folder(final, model, label(run.steps))
+        tok.save(final)
+        metrics = read_jsonl(run.dir / "metrics.jsonl")
+        summary = {
+            "run": cfg.name, "steps": run.steps, "tokens": run.budget_tokens,
+            "parameters": params.total, "non_embedding_parameters": params.non_embedding,
+            "poison_count": len(run.plan.poisons), "poisons_seen": run.plan.poisons_seen(run.steps),
+            "train_seconds_this_session": round(elapsed, 2),
+            "tokens_per_s_this_session": round(tokens_since / elapsed, 1) if elapsed > 0 else None,
+            "threads": threads, "processes": d.world, "device": str(device),
+            "final_loss": (read_jsonl(run.dir / "train_log.jsonl") or [{}])[-1].get("loss"),
+            "final_eval": max(metrics, key=lambda r: r["step"]) if metrics else None,
+        }
+        atomic_write_text(run.dir / "DONE", json.dumps(summary, indent=1))
+    d.barrier()
+    return summary
