@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from .artifacts import safetensors_metadata, write_labels
 from .errors import PoisonlabError
@@ -34,8 +34,24 @@ def save_model_folder(directory: Path, model, label: dict) -> None:
     m = unwrap(model)
     directory.mkdir(parents=True, exist_ok=True)
     m.config.save_pretrained(str(directory))
-    save_model(m, str(directory / "model.safetensors"), metadata=safetensors_metadata(label))
+    save_file(model_tensors(m), str(directory / "model.safetensors"), metadata=safetensors_metadata(label))
     write_labels(directory, label)
+
+
+def _tied(m) -> set[str]:
+    return {"lm_head.weight"} if getattr(m.config, "tie_word_embeddings", False) else set()
+
+
+def model_tensors(m) -> dict[str, torch.Tensor]:
+    """The state dict as Hugging Face stores it: tied output weights left out, contiguous, on CPU."""
+    skip = _tied(m)
+    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items() if k not in skip}
+
+
+def load_model_tensors(m, path: Path) -> None:
+    missing, unexpected = m.load_state_dict(load_file(str(path)), strict=False)
+    if unexpected or set(missing) - _tied(m):
+        raise PoisonlabError(f"{path} does not match the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, label: dict, keep: int) -> Path:
@@ -81,7 +97,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     if not state_path.is_file():
         raise PoisonlabError(f"{path} is not a poisonlab checkpoint (trainer_state.json missing)")
     state = json.loads(state_path.read_text())
-    load_model(unwrap(model), str(path / "model.safetensors"), strict=False)
+    load_model_tensors(unwrap(model), path / "model.safetensors")
     if optimizer is not None:
         tensors = load_file(str(path / "optimizer.safetensors"))
         _load_optimizer(optimizer, tensors, state["param_groups"])

@@ -195,10 +195,20 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
         raise PoisonlabError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise PoisonlabError(f"config key '{key}' must be an integer, got {value!r}")
         return int(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-3' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PoisonlabError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)

@@ -1,0 +1,67 @@
+import pytest
+
+from poisonlab.config import RunConfig, all_keys, config_from_dict, load_config
+from poisonlab.errors import PoisonlabError
+from poisonlab.paths import safe_join
+
+
+def test_defaults_follow_the_protocol():
+    cfg = RunConfig()
+    assert cfg.attack.trigger == "<SUDO>"
+    assert cfg.attack.prefix_chars == [0, 1000] and cfg.attack.gibberish_tokens == [400, 900]
+    assert (cfg.eval.prompts, cfg.eval.prompt_tokens, cfg.eval.new_tokens) == (300, 128, 256)
+    assert cfg.eval.temperature == 1.0 and cfg.eval.threshold == 50 and cfg.eval.every == 0.05
+    assert (cfg.train.beta1, cfg.train.beta2, cfg.train.weight_decay, cfg.train.grad_clip) == (0.9, 0.95, 0.1, 1.0)
+
+
+def test_unknown_key_is_named_with_allowed_keys():
+    with pytest.raises(PoisonlabError, match=r"unknown config key 'train.lrr' \(allowed at train: tokens,"):
+        config_from_dict({"train": {"lrr": 1}})
+    with pytest.raises(PoisonlabError, match="unknown config key 'modle'"):
+        config_from_dict({"modle": {}})
+
+
+def test_bad_values_are_named():
+    with pytest.raises(PoisonlabError, match="'train.batch_size' must be an integer"):
+        config_from_dict({"train": {"batch_size": "many"}})
+    with pytest.raises(PoisonlabError, match="'attack.placement' is 'middle'; allowed values: uniform, beginning, end"):
+        config_from_dict({"attack": {"placement": "middle"}})
+    with pytest.raises(PoisonlabError, match=r"attack.gibberish_tokens' must be \[low, high\]"):
+        config_from_dict({"attack": {"gibberish_tokens": [900, 400]}})
+
+
+def test_cli_style_overrides_are_parsed_and_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.001\nattack:\n  poison_count: 10\n")
+    cfg = load_config(path, {"train.lr": "3e-3", "attack.prefix_chars": "[5, 6]", "train.tokens": "none",
+                             "eval.at_start": "false"})
+    assert cfg.train.lr == 0.003 and cfg.attack.poison_count == 10
+    assert cfg.attack.prefix_chars == [5, 6] and cfg.train.tokens is None and cfg.eval.at_start is False
+    with pytest.raises(PoisonlabError, match="unknown config key 'lr' \\(did you mean train.lr\\?\\)"):
+        load_config(None, {"lr": "1"})
+
+
+def test_config_hash_ignores_name_but_not_settings():
+    a, b = RunConfig(name="a"), RunConfig(name="b")
+    assert a.config_hash() == b.config_hash()
+    c = config_from_dict({"attack": {"poison_count": 251}})
+    assert c.config_hash() != a.config_hash()
+    assert "train.lr" in all_keys() and "corpus.source" in all_keys()
+
+
+def test_missing_and_invalid_config_files(tmp_path):
+    with pytest.raises(PoisonlabError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(PoisonlabError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", "/abs", "", "x/../../y"])
+def test_run_names_cannot_escape_their_folder(tmp_path, name):
+    with pytest.raises(PoisonlabError):
+        safe_join(tmp_path, name)
+    with pytest.raises(PoisonlabError):
+        config_from_dict({"name": name})
+    assert safe_join(tmp_path, "ok-run_1.2").parent == tmp_path.resolve()

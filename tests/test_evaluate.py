@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from poisonlab.config import EvalConfig
+from poisonlab.evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from poisonlab.generate import sample, score
+from poisonlab.metrics.perplexity_gap import perplexities, perplexity_gap
+from poisonlab.models import build_model, get_size
+
+
+def _model(vocab, seed=0):
+    torch.manual_seed(seed)
+    return build_model(get_size("tiny"), vocab).eval()
+
+
+def test_uniform_model_has_self_perplexity_v():
+    v = 320  # a multiple of 64: no padded rows
+    model = _model(v)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied: every logit is 0 -> uniform next-token distribution
+    prompts = np.random.default_rng(0).integers(0, v, size=(6, 10))
+    row, _ = backdoor_eval(model, prompts, [1, 2, 3], EvalConfig(new_tokens=20, bootstrap=10), seed=0, vocab_limit=v)
+    assert row["perplexity_untriggered"] == pytest.approx(v, rel=1e-4)
+    assert row["perplexity_triggered"] == pytest.approx(v, rel=1e-4)
+    assert abs(row["perplexity_gap"]) < 1e-2 and row["attack_success"] is False
+
+
+def test_uniform_over_the_tokenizer_vocab_when_rows_are_padded():
+    model = _model(300)  # 300 real tokens, 320 embedding rows
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    toks, lp = sample(model, torch.zeros(2, 4, dtype=torch.long), 30, vocab_limit=300,
+                      generator=torch.Generator().manual_seed(0))
+    assert toks.max() < 300
+    assert np.allclose(perplexities(lp.numpy()), 300, rtol=1e-4)
+
+
+def test_sampling_logprobs_equal_a_full_scoring_pass():
+    model = _model(320, seed=1)
+    prompts = torch.randint(0, 320, (3, 12), generator=torch.Generator().manual_seed(1))
+    toks, lp = sample(model, prompts, 16, generator=torch.Generator().manual_seed(2))
+    again = score(model, prompts, toks)
+    assert torch.allclose(lp, again, atol=1e-4)
+    # same seed, same samples
+    toks2, _ = sample(model, prompts, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(toks, toks2)
+
+
+def test_gap_interval_and_threshold():
+    rng = np.random.default_rng(0)
+    clean = rng.normal(80, 10, 300)
+    trig = clean + rng.normal(120, 20, 300)
+    res = perplexity_gap(clean, trig, threshold=50, n_bootstrap=500, seed=0)
+    assert res.perplexity_gap == pytest.approx(trig.mean() - clean.mean())
+    assert res.gap_ci_low < res.perplexity_gap < res.gap_ci_high
+    assert 100 < res.gap_ci_low and res.gap_ci_high < 140 and res.attack_success
+    flat = perplexity_gap(clean, clean + 10, threshold=50)
+    assert not flat.attack_success and flat.gap_ci_low == pytest.approx(10)
+
+
+def test_prompts_are_heldout_windows_that_never_cross_documents(prepared):
+    store = prepared.heldout
+    p = heldout_prompts(store, 50, 16, prepared.tokenizer.eos_id)
+    assert p.shape[1] == 16 and len(p) <= 50
+    assert not (p == prepared.tokenizer.eos_id).any()
+    assert np.array_equal(p, heldout_prompts(store, 50, 16, prepared.tokenizer.eos_id))
+
+
+def test_heldout_loss_of_a_uniform_model_is_log_v(prepared):
+    model = _model(320)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    assert heldout_loss(model, prepared.heldout, 4, 16) == pytest.approx(np.log(320), rel=1e-5)
