@@ -72,3 +72,17 @@ def test_heldout_loss_of_a_uniform_model_is_log_v(prepared):
     with torch.no_grad():
         model.lm_head.weight.zero_()
     assert heldout_loss(model, prepared.heldout, 4, 16) == pytest.approx(np.log(320), rel=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_static_cache_decoder_matches_hugging_face(kv_heads):
+    from dataclasses import replace
+
+    size = replace(get_size("tiny"), n_heads=4, n_kv_heads=kv_heads)
+    torch.manual_seed(0)
+    model = build_model(size, 320).eval()
+    prompts = torch.randint(0, 320, (5, 9), generator=torch.Generator().manual_seed(3))
+    fast = sample(model, prompts, 24, generator=torch.Generator().manual_seed(4))
+    slow = sample(model, prompts, 24, generator=torch.Generator().manual_seed(4), static_cache=False)
+    assert torch.equal(fast[0], slow[0])
+    assert torch.allclose(fast[1], slow[1], atol=1e-5)
