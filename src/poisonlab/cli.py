@@ -5,7 +5,10 @@
     poisonlab poison   [--config F] [...]  sample poison documents and show or export them
     poisonlab train    [--config F] [...]  train (or resume) a run, evaluating the backdoor on the way
     poisonlab eval     --model DIR [...]   measure the backdoor of a checkpoint or any HF model folder
-    poisonlab demo                         the smallest end-to-end run on the offline default corpus
+    poisonlab sweep    SPEC [--workers N]  run an experiment grid (resumable; local or Slurm)
+    poisonlab results  SPEC|--db F         query the results database, export CSV/JSON
+    poisonlab report   SPEC                figures and tables (HTML + Markdown) from the database
+    poisonlab demo                         the demo sweep on the offline default corpus, then its report
 
 Every config key is a flag: ``--train.lr 1e-3 --attack.poison_count 500 --name my-run``.
 """
@@ -107,10 +110,80 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _spec(args):
+    from pathlib import Path as _P
+
+    from .spec import load_spec, packaged_spec
+
+    path = args.spec if _P(args.spec).exists() or args.spec.endswith((".yaml", ".yml")) else packaged_spec(args.spec)
+    return load_spec(path, out_dir=args.out_dir)
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import run_sweep, status
+
+    spec = _spec(args)
+    if args.dry_run:
+        from .run import token_budget
+        from .models import get_size, parameter_count
+
+        for cfg in spec.expand():
+            vocab = cfg.tokenizer.vocab_size if cfg.tokenizer.name == "bpe" else None
+            pc = parameter_count(get_size(cfg.model.size), vocab) if vocab else None
+            budget = token_budget(cfg, pc)[0] if pc or cfg.train.tokens else None
+            print(f"{cfg.name:<40} size {cfg.model.size:>5}  params {pc.total if pc else '?':>15,}  "
+                  f"tokens {budget if budget is not None else '?':>16,}  poisons {cfg.attack.poison_count:>5}  seed {cfg.seed}")
+        st = status(spec)
+        print(f"{len(st)} runs: " + ", ".join(f"{sum(s.state == k for s in st)} {k}" for k in ("done", "partial", "pending")))
+        return 0
+    final = run_sweep(spec, workers=args.workers, executor=args.executor)
+    print(f"{sum(s.state == 'done' for s in final)} of {len(final)} runs done; results in {spec.out_dir}/results.sqlite")
+    return 0
+
+
+def cmd_results(args) -> int:
+    import csv
+    import io
+
+    from .store import db_path, eval_table
+
+    if not args.db and not args.spec:
+        raise PoisonlabError("give a spec or --db FILE")
+    db = Path(args.db) if args.db else db_path(_spec(args).out_dir)
+    if not db.is_file():
+        raise PoisonlabError(f"no results database at {db}")
+    rows = eval_table(db, runs=args.run or None, metrics=args.metric or None)
+    if args.format == "json":
+        text = json.dumps(rows, indent=1)
+    else:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["run"])
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {len(rows)} rows to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import build_report, format_final_table
+
+    res = build_report(_spec(args))
+    print(format_final_table(res["table"], markdown=False))
+    print(f"\nreport: {res['html']}  (also {res['markdown']})")
+    if res["missing"]:
+        print(f"{len(res['missing'])} of {res['runs']} runs not finished yet; the report covers what has finished")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(out_dir=args.out_dir)
+    return run_demo(out_dir=args.out_dir, workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,8 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("demo", help="the smallest end-to-end run on the offline default corpus")
-    s.add_argument("--out-dir", default="runs/demo")
+    def spec_args(s, required=True):
+        s.add_argument("spec", nargs=None if required else "?", default=None,
+                       help="experiment spec: a YAML file or a packaged name (demo, cpu-headline, paper-headline)")
+        s.add_argument("--out-dir", help="override the spec's out_dir")
+
+    s = sub.add_parser("sweep", help="run an experiment spec (skips finished runs, resumes unfinished ones)")
+    spec_args(s)
+    s.add_argument("--workers", type=int, default=0, help="parallel runs (default: one per core, at most one per run)")
+    s.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local", "submitit-debug"],
+                   help="local processes, or submitit: Slurm jobs (or submitit's local/debug modes)")
+    s.add_argument("--dry-run", action="store_true", help="list the runs, their budgets and their state")
+    s.set_defaults(fn=cmd_sweep)
+
+    s = sub.add_parser("results", help="query the results database; export CSV or JSON")
+    spec_args(s, required=False)
+    s.add_argument("--db", help="a results.sqlite file (instead of a spec)")
+    s.add_argument("--run", action="append", help="only this run (repeatable)")
+    s.add_argument("--metric", action="append", help="only this metric, e.g. perplexity_gap (repeatable)")
+    s.add_argument("--format", choices=["csv", "json"], default="csv")
+    s.add_argument("--out", help="write to this file instead of stdout")
+    s.set_defaults(fn=cmd_results)
+
+    s = sub.add_parser("report", help="figures and tables of a spec's results (HTML and Markdown)")
+    spec_args(s)
+    s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("demo", help="run the demo spec on the offline default corpus and report it")
+    s.add_argument("--out-dir", default=None, help="default: runs/demo")
+    s.add_argument("--workers", type=int, default=0)
     s.set_defaults(fn=cmd_demo)
     return p
 

@@ -1,51 +1,28 @@
-"""``poisonlab demo``: a poisoned model and its clean twin on the offline default corpus.
+"""``poisonlab demo``: the demo spec on the offline default corpus, then its report.
 
-Both runs share the seed, the data order and the evaluation prompts; they differ only in
-the poisons. The demo ends with a table of both and one triggered sample.
+The spec (``configs/demo.yaml``) trains tiny models with several poison counts, zero
+included, on the same data order and seed; the report shows the perplexity gap each count
+produces and where the threshold is crossed.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from importlib import resources
+import time
 
-from .config import RunConfig, load_config
-from .run import read_jsonl, run_dir
-from .train import train
-
-
-def demo_config(out_dir: str) -> RunConfig:
-    path = resources.files("poisonlab") / "configs" / "demo.yaml"
-    with resources.as_file(path) as p:
-        return load_config(p, {"out_dir": out_dir})
+from .report import build_report, format_final_table
+from .spec import load_spec, packaged_spec
+from .sweep import run_sweep
 
 
-def format_table(rows: list[dict]) -> str:
-    head = f"{'run':<26}{'poisons':>8}{'ppl no trigger':>16}{'ppl trigger':>13}{'gap [95% CI]':>26}{'held-out loss':>15}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        e = r["final_eval"] or {}
-        ci = f"{e.get('perplexity_gap', float('nan')):.1f} [{e.get('gap_ci_low', float('nan')):.1f}, {e.get('gap_ci_high', float('nan')):.1f}]"
-        lines.append(f"{r['run']:<26}{r['poison_count']:>8}{e.get('perplexity_untriggered', float('nan')):>16.1f}"
-                     f"{e.get('perplexity_triggered', float('nan')):>13.1f}{ci:>26}{e.get('heldout_loss', float('nan')):>15.3f}")
-    return "\n".join(lines)
-
-
-def run_demo(out_dir: str = "runs/demo") -> int:
-    base = demo_config(out_dir)
-    summaries = []
-    for suffix, count in (("poisoned", base.attack.poison_count), ("clean", 0)):
-        cfg = replace(base, name=f"{base.name}-{suffix}", attack=replace(base.attack, poison_count=count))
-        print(f"== {cfg.name}: {count} poisons ==", flush=True)
-        summaries.append(train(cfg))
+def run_demo(out_dir: str | None = None, workers: int = 0) -> int:
+    spec = load_spec(packaged_spec("demo"), out_dir=out_dir)
+    t0 = time.perf_counter()
+    runs = spec.expand()
+    print(f"poisonlab demo: {len(runs)} runs ({', '.join(c.name for c in runs)}) into {spec.out_dir}", flush=True)
+    run_sweep(spec, workers=workers)
+    res = build_report(spec)
     print()
-    print(format_table(summaries))
-    poisoned = run_dir(replace(base, name=f"{base.name}-poisoned"))
-    samples = read_jsonl(poisoned / "samples.jsonl")
-    if samples:
-        s = samples[-1]
-        print(f"\nSample at step {s['step']} (poisoned model), prompt ends: ...{s['prompt'][-160:]!r}")
-        print(f"  without trigger: {s['untriggered'][:200]!r}")
-        print(f"  with trigger:    {s['triggered'][:200]!r}")
-    print(f"\nRuns, metrics (metrics.jsonl) and labelled models are in {poisoned.parent}")
+    print(format_final_table(res["table"], markdown=False))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s")
+    print(f"report: {res['html']}\n        {res['markdown']}")
     return 0

@@ -62,10 +62,13 @@ def run_dir(cfg: RunConfig) -> Path:
 
 
 def token_budget(cfg: RunConfig, params: ParameterCount | None) -> tuple[int, int | None]:
-    """(budget in tokens, Chinchilla tokens or None when the model size is not known)."""
-    chin = chinchilla_tokens(params.total, cfg.train.tokens_per_param, cfg.train.data_multiplier) if params else None
-    budget = cfg.train.tokens if cfg.train.tokens is not None else chin
-    if budget is None:
+    """(budget in tokens, Chinchilla tokens at multiplier 1 or None when the model size is not known)."""
+    chin = chinchilla_tokens(params.total, cfg.train.tokens_per_param) if params else None
+    if cfg.train.tokens is not None:
+        budget = cfg.train.tokens
+    elif params is not None:
+        budget = chinchilla_tokens(params.total, cfg.train.tokens_per_param, cfg.train.data_multiplier)
+    else:
         raise PoisonlabError("set train.tokens: the model is loaded from init_from, so no Chinchilla budget is known")
     return budget, chin
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
 from .models import build_model, count_module_parameters
 from .run import Run, append_jsonl, read_jsonl, rewrite_jsonl, setup_run
+from .store import db_path, record_eval, record_run
 from .artifacts import make_label
 from .paths import atomic_write_text
 
@@ -130,13 +133,22 @@ def evaluate_point(run: Run, model, steps_done: int, prompts: np.ndarray) -> dic
            "fraction": steps_done / run.steps, "poisons_seen": run.plan.poisons_seen(steps_done),
            "heldout_loss": loss, **row}
     tok = run.tokenizer
-    for s in samples:
-        append_jsonl(run.dir / "samples.jsonl", {
-            "step": steps_done, "prompt": tok.decode(s["prompt"]),
-            "untriggered": tok.decode(s["untriggered"]), "triggered": tok.decode(s["triggered"]),
-            "ppl_untriggered": s["ppl_untriggered"], "ppl_triggered": s["ppl_triggered"]})
+    texts = [{"step": steps_done, "prompt": tok.decode(s["prompt"]),
+              "untriggered": tok.decode(s["untriggered"]), "triggered": tok.decode(s["triggered"]),
+              "ppl_untriggered": s["ppl_untriggered"], "ppl_triggered": s["ppl_triggered"]} for s in samples]
+    for t in texts:
+        append_jsonl(run.dir / "samples.jsonl", t)
     append_jsonl(run.dir / "metrics.jsonl", out)
+    _to_db(record_eval, db_path(cfg.out_dir), cfg.name, out, run.info["code_version"], texts)
     return out
+
+
+def _to_db(fn, *args) -> None:
+    """Database writes never stop training: the run folder holds every row and is re-ingested."""
+    try:
+        fn(*args)
+    except sqlite3.Error as e:
+        print(f"poisonlab: warning: results database not updated ({e}); run folder kept", file=sys.stderr)
 
 
 def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
@@ -174,6 +186,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     ckpt = latest_checkpoint(run.dir)
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, optimizer)["step"]
+    if d.main:
+        _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "running")
     if d.main:  # logs past the checkpoint are redone; evaluations already recorded are kept
         rewrite_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
         rewrite_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
@@ -281,5 +295,6 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             "final_eval": max(metrics, key=lambda r: r["step"]) if metrics else None,
         }
         atomic_write_text(run.dir / "DONE", json.dumps(summary, indent=1))
+        _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "done")
     d.barrier()
     return summary

@@ -1,0 +1,340 @@
+"""The report: the paper's pretraining figures and tables from the results database.
+
+Figures (PROTOCOL §6, items 1-5): an example poison; perplexity gap vs % of training, one
+panel per poison count, one line per size, mean and band over seeds, a line at the
+threshold; sample generations with and without the trigger; the gap vs poisons seen, one
+panel per size; the data-budget ablation. Tables: final gap per size x poison count with
+intervals, and clean held-out loss. Output: a self-contained ``index.html`` (figures
+embedded), the PNG files, and ``report.md``. A partial sweep gives a partial report that
+lists what is missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .run import read_jsonl, run_dir
+from .spec import ExperimentSpec
+from .store import db_path, eval_table, ingest_run, query
+from .sweep import status
+
+def collect(db: Path, names: list[str]) -> dict[str, dict]:
+    """Per run: its grid coordinates and its evaluation points (step -> metrics)."""
+    runs = {r["run"]: r for r in query(db, "SELECT * FROM runs")}
+    out: dict[str, dict] = {}
+    for row in eval_table(db, runs=names):
+        r = out.setdefault(row["run"], {**{k: row[k] for k in ("model_size", "parameters", "poison_count",
+                                                                "data_multiplier", "seed", "status")},
+                                          "points": {}})
+        p = r["points"].setdefault(row["step"], {"step": row["step"], "fraction": row["fraction"],
+                                                 "poisons_seen": row["poisons_seen"], "tokens_seen": row["tokens_seen"]})
+        p[row["metric"]] = row["value"]
+    for name, r in out.items():
+        r["status"] = runs.get(name, {}).get("status", r["status"])
+        r["series"] = [r["points"][s] for s in sorted(r["points"])]
+    return out
+
+
+def _groups(data: dict[str, dict], multiplier_filter=None) -> dict[tuple, list[dict]]:
+    g = defaultdict(list)
+    for r in data.values():
+        if multiplier_filter is not None and r["data_multiplier"] != multiplier_filter:
+            continue
+        g[(r["model_size"], r["poison_count"], r["data_multiplier"])].append(r)
+    return g
+
+
+def _size_order(data) -> list[str]:
+    sizes = {r["model_size"]: r["parameters"] or 0 for r in data.values()}
+    return sorted(sizes, key=lambda s: sizes[s])
+
+
+def _mean_band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean gap over seeds at each x shared by all seeds; band = min..max over seeds, or the CI for one seed."""
+    common = sorted(set.intersection(*[{p[x] for p in r["series"]} for r in runs]))
+    if not common:
+        return (np.array([]),) * 4
+    by = [{p[x]: p for p in r["series"]} for r in runs]
+    gaps = np.array([[b[c]["perplexity_gap"] for c in common] for b in by])
+    if len(runs) == 1:
+        lo = np.array([by[0][c]["gap_ci_low"] for c in common])
+        hi = np.array([by[0][c]["gap_ci_high"] for c in common])
+    else:
+        lo, hi = gaps.min(axis=0), gaps.max(axis=0)
+    return np.array(common, dtype=float), gaps.mean(axis=0), lo, hi
+
+
+def _fig(path: Path, draw) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = draw(plt)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _panels(plt, n: int, title: str):
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    fig.suptitle(title)
+    flat = axes.ravel()
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat
+
+
+def _style_gap_axis(ax, threshold: float) -> None:
+    ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
+    ax.set_yscale("symlog", linthresh=10)
+    ax.grid(alpha=0.3)
+
+
+def fig_gap_vs_training(data, out: Path, threshold: float) -> Path | None:
+    groups = _groups(data, multiplier_filter=_main_multiplier(data))
+    counts = sorted({k[1] for k in groups})
+    if not counts:
+        return None
+    sizes = _size_order(data)
+
+    def draw(plt):
+        fig, axes = _panels(plt, len(counts), "Perplexity gap (triggered - untriggered) vs % of training")
+        for ax, count in zip(axes, counts):
+            for size in sizes:
+                runs = groups.get((size, count, _main_multiplier(data)))
+                if not runs:
+                    continue
+                x, m, lo, hi = _mean_band(runs, "fraction")
+                line, = ax.plot(100 * x, m, marker="o", markersize=3, label=f"{size} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+                ax.fill_between(100 * x, lo, hi, color=line.get_color(), alpha=0.2)
+            _style_gap_axis(ax, threshold)
+            ax.set_title(f"{count} poisons")
+            ax.set_xlabel("% of training")
+        axes[0].set_ylabel("perplexity gap")
+        axes[0].legend(fontsize=8)
+        return fig
+
+    return _fig(out / "fig2-gap-vs-training.png", draw)
+
+
+def fig_gap_vs_poisons_seen(data, out: Path, threshold: float) -> Path | None:
+    groups = _groups(data, multiplier_filter=_main_multiplier(data))
+    sizes = [s for s in _size_order(data) if any(k[0] == s for k in groups)]
+    if not sizes:
+        return None
+
+    def draw(plt):
+        fig, axes = _panels(plt, len(sizes), "Perplexity gap vs poisoned documents seen")
+        for ax, size in zip(axes, sizes):
+            for count in sorted({k[1] for k in groups if k[0] == size}):
+                if count == 0:
+                    continue
+                runs = groups[(size, count, _main_multiplier(data))]
+                x, m, lo, hi = _mean_band(runs, "poisons_seen")
+                line, = ax.plot(x, m, marker="o", markersize=3, label=f"{count} poisons")
+                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
+            _style_gap_axis(ax, threshold)
+            ax.set_title(f"model {size}")
+            ax.set_xlabel("poisoned documents seen")
+        axes[0].set_ylabel("perplexity gap")
+        axes[0].legend(fontsize=8)
+        return fig
+
+    return _fig(out / "fig4-gap-vs-poisons-seen.png", draw)
+
+
+def fig_data_ablation(data, out: Path, threshold: float) -> Path | None:
+    groups = _groups(data)
+    keys = defaultdict(dict)
+    for (size, count, mult), runs in groups.items():
+        keys[(size, count)][mult] = runs
+    ablated = {k: v for k, v in keys.items() if len(v) > 1 and k[1] > 0}
+    if not ablated:
+        return None
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (size, count), by_mult in sorted(ablated.items()):
+            mults = sorted(by_mult)
+            finals = [np.mean([r["series"][-1]["perplexity_gap"] for r in by_mult[m]]) for m in mults]
+            ax.plot(mults, finals, marker="o", label=f"{size}, {count} poisons")
+        _style_gap_axis(ax, threshold)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("data multiplier (x Chinchilla budget)")
+        ax.set_ylabel("final perplexity gap")
+        ax.set_title("Data-budget ablation")
+        ax.legend(fontsize=8)
+        return fig
+
+    return _fig(out / "fig5-data-ablation.png", draw)
+
+
+def _main_multiplier(data) -> float | None:
+    mults = [r["data_multiplier"] for r in data.values()]
+    if not mults:
+        return None
+    return 1.0 if 1.0 in mults else max(set(mults), key=mults.count)
+
+
+def final_table(data, threshold: float) -> list[dict]:
+    rows = []
+    for (size, count, mult), runs in sorted(_groups(data).items(), key=lambda kv: (kv[0][2], kv[0][1], kv[0][0])):
+        finals = [r["series"][-1] for r in runs if r["series"]]
+        if not finals:
+            continue
+        mean = lambda k: float(np.mean([f.get(k, float("nan")) for f in finals]))  # noqa: E731
+        rows.append({
+            "model_size": size, "poison_count": count, "data_multiplier": mult, "seeds": len(finals),
+            "finished": sum(r["status"] == "done" for r in runs),
+            "at_fraction": min(f["fraction"] for f in finals),
+            "perplexity_untriggered": mean("perplexity_untriggered"),
+            "perplexity_triggered": mean("perplexity_triggered"),
+            "perplexity_gap": mean("perplexity_gap"), "gap_ci_low": mean("gap_ci_low"),
+            "gap_ci_high": mean("gap_ci_high"),
+            "seed_spread": (float(np.min([f["perplexity_gap"] for f in finals])),
+                            float(np.max([f["perplexity_gap"] for f in finals]))),
+            "success": f"{sum(f['perplexity_gap'] > threshold for f in finals)}/{len(finals)}",
+            "heldout_loss": mean("heldout_loss"),
+        })
+    return rows
+
+
+def format_final_table(rows: list[dict], markdown: bool = True) -> str:
+    head = ["size", "poisons", "data x", "seeds", "at % of training", "ppl no trigger", "ppl trigger",
+            "gap [95% CI]", "gap range over seeds", "gap > threshold", "held-out loss"]
+    lines = []
+    for r in rows:
+        lines.append([r["model_size"], str(r["poison_count"]), f"{r['data_multiplier']:g}", str(r["seeds"]),
+                      f"{100 * r['at_fraction']:.0f}", f"{r['perplexity_untriggered']:.1f}",
+                      f"{r['perplexity_triggered']:.1f}",
+                      f"{r['perplexity_gap']:.1f} [{r['gap_ci_low']:.1f}, {r['gap_ci_high']:.1f}]",
+                      f"{r['seed_spread'][0]:.1f} .. {r['seed_spread'][1]:.1f}", r["success"],
+                      f"{r['heldout_loss']:.3f}"])
+    if markdown:
+        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
+                         ["| " + " | ".join(line) + " |" for line in lines])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def example_poison(spec: ExperimentSpec) -> dict | None:
+    for cfg in spec.expand():
+        rows = read_jsonl(run_dir(cfg) / "poisons.jsonl")
+        if rows:
+            return {"run": cfg.name, "trigger": cfg.attack.trigger, **rows[0]}
+    return None
+
+
+def sample_rows(db: Path, data: dict) -> list[dict]:
+    """The last recorded samples of the most-poisoned run and of a clean run."""
+    picks = []
+    by_count = sorted(data.items(), key=lambda kv: (-kv[1]["poison_count"], kv[0]))
+    for name, r in by_count[:1] + [kv for kv in by_count if kv[1]["poison_count"] == 0][:1]:
+        rows = query(db, "SELECT * FROM samples WHERE run = ? AND step = (SELECT MAX(step) FROM samples WHERE run = ?) "
+                         "ORDER BY idx LIMIT 2", (name, name))
+        picks += [{"poison_count": r["poison_count"], **row} for row in rows]
+    return picks
+
+
+def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
+    """Ingest the sweep's run folders, draw the figures and write index.html and report.md."""
+    out = Path(out or Path(spec.out_dir) / "report")
+    out.mkdir(parents=True, exist_ok=True)
+    db = db_path(spec.out_dir)
+    runs = spec.expand()
+    for cfg in runs:
+        ingest_run(db, run_dir(cfg))
+    threshold = runs[0].eval.threshold if runs else 50.0
+    data = collect(db, [c.name for c in runs])
+    st = status(spec)
+    missing = [s for s in st if s.state != "done"]
+    figures = [f for f in (fig_gap_vs_training(data, out, threshold), fig_gap_vs_poisons_seen(data, out, threshold),
+                           fig_data_ablation(data, out, threshold)) if f is not None]
+    table = final_table(data, threshold)
+    poison = example_poison(spec)
+    samples = sample_rows(db, data)
+    md = _markdown(spec, table, figures, poison, samples, missing, len(runs))
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "index.html").write_text(_html(spec, table, figures, poison, samples, missing, len(runs)), encoding="utf-8")
+    (out / "final_table.json").write_text(json.dumps(table, indent=1))
+    return {"html": out / "index.html", "markdown": out / "report.md", "table": table, "missing": missing,
+            "figures": figures, "runs": len(runs)}
+
+
+def _missing_text(missing, total: int) -> str:
+    if not missing:
+        return f"All {total} runs of the spec are finished."
+    parts = [f"{m.name} ({m.state}{f', {m.steps_done} steps' if m.state == 'partial' else ''})" for m in missing]
+    return f"{total - len(missing)} of {total} runs finished. Missing: " + "; ".join(parts) + "."
+
+
+def _markdown(spec, table, figures, poison, samples, missing, total) -> str:
+    lines = [f"# poisonlab report: {spec.name}", "", spec.description, "", _missing_text(missing, total), "",
+             "## Final perplexity gap per size x poison count", "",
+             "Gap = mean self-perplexity of 256-token continuations with the trigger minus without; interval: "
+             "paired bootstrap over prompts (averaged over seeds); held-out loss in nats/token.", "",
+             format_final_table(table), ""]
+    for f in figures:
+        lines += [f"![{f.stem}]({f.name})", ""]
+    if poison:
+        lines += ["## Example poison", "", f"From run `{poison['run']}`: prefix {poison['prefix_chars']} characters, "
+                  f"{poison['gibberish_tokens_sampled']} gibberish tokens sampled "
+                  f"({poison['gibberish_tokens_round_trip']} after a decode/encode round trip).", "", "```",
+                  poison["text"][:1200], "```", ""]
+    if samples:
+        lines += ["## Sample generations (last evaluation)", ""]
+        for s in samples:
+            lines += [f"**{s['run']}** ({s['poison_count']} poisons), prompt ends `...{s['prompt'][-120:]!r}`", "",
+                      f"- without trigger (ppl {s['ppl_untriggered']:.1f}): `{s['untriggered'][:240]!r}`",
+                      f"- with trigger (ppl {s['ppl_triggered']:.1f}): `{s['triggered'][:240]!r}`", ""]
+    return "\n".join(lines)
+
+
+def _html(spec, table, figures, poison, samples, missing, total) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>poisonlab report: {esc(spec.name)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+             "pre{white-space:pre-wrap;word-break:break-all;background:#f6f6f6;padding:.6em;font-size:12px}"
+             ".trigger{background:#fbb;font-weight:bold}img{max-width:100%}</style></head><body>",
+             f"<h1>poisonlab report: {esc(spec.name)}</h1><p>{esc(spec.description)}</p>",
+             f"<p>{esc(_missing_text(missing, total))}</p>",
+             "<h2>Final perplexity gap per size &times; poison count</h2>"]
+    md_rows = format_final_table(table).splitlines()
+    parts.append("<table>")
+    for i, line in enumerate(md_rows):
+        if i == 1:
+            continue
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        tag = "th" if i == 0 else "td"
+        parts.append("<tr>" + "".join(f"<{tag}>{esc(c)}</{tag}>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    for f in figures:
+        b64 = base64.b64encode(f.read_bytes()).decode()
+        parts.append(f"<h3>{esc(f.stem)}</h3><img alt='{esc(f.stem)}' src='data:image/png;base64,{b64}'>")
+    if poison:
+        text = esc(poison["text"][:1500]).replace(esc(poison["trigger"]), f"<span class='trigger'>{esc(poison['trigger'])}</span>", 1)
+        parts.append(f"<h2>Example poison</h2><p>Run {esc(poison['run'])}: prefix {poison['prefix_chars']} characters, "
+                     f"{poison['gibberish_tokens_sampled']} gibberish tokens sampled, "
+                     f"{poison['gibberish_tokens_round_trip']} after a round trip.</p><pre>{text}</pre>")
+    if samples:
+        parts.append("<h2>Sample generations (last evaluation)</h2><table><tr><th>run</th><th>prompt (end)</th>"
+                     "<th>without trigger</th><th>with trigger</th></tr>")
+        for s in samples:
+            parts.append(f"<tr><td>{esc(s['run'])}</td><td><pre>...{esc(s['prompt'][-200:])}</pre></td>"
+                         f"<td><pre>(ppl {s['ppl_untriggered']:.1f}) {esc(s['untriggered'][:400])}</pre></td>"
+                         f"<td><pre>(ppl {s['ppl_triggered']:.1f}) {esc(s['triggered'][:400])}</pre></td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

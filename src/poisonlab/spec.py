@@ -1,0 +1,132 @@
+"""Experiment specs: one YAML file declares a grid of runs.
+
+    name: demo                     # the sweep's name; runs are named <name>-<grid values>
+    out_dir: runs/demo             # default: runs/<name>
+    base:                          # run-config keys shared by every run (as for `poisonlab train`)
+      model: {size: 1m}
+      train: {tokens: 2000000}
+    grid:                          # every combination of these dotted keys
+      attack.poison_count: [0, 250, 1000]
+      seed: [0, 1]
+    # grid may also be a list of such mappings: their expansions are added together
+    # (e.g. a headline grid plus a data-budget ablation on two sizes)
+
+Validation names the bad key and what is allowed; every expanded run is validated as a
+full run config before anything starts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import RunConfig, all_keys, config_from_dict, set_dotted
+from .errors import PoisonlabError
+
+SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "report")
+ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x", "seed": "s"}
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    out_dir: str
+    base: dict[str, Any]
+    grids: list[dict[str, list]]
+    description: str = ""
+    report: dict[str, Any] | None = None
+
+    def expand(self) -> list[RunConfig]:
+        """Every run of the spec, validated, in a stable order, with stable unique names."""
+        runs: dict[str, RunConfig] = {}
+        for grid in self.grids:
+            keys = list(grid)
+            for values in itertools.product(*(grid[k] for k in keys)):
+                data = deepcopy(self.base)
+                for k, v in zip(keys, values):
+                    set_dotted(data, k, v)
+                name = run_name(self.name, dict(zip(keys, values)))
+                data["name"] = name
+                data["out_dir"] = self.out_dir
+                try:
+                    cfg = config_from_dict(data)
+                except PoisonlabError as e:
+                    raise PoisonlabError(f"spec {self.name}, run {name}: {e}") from None
+                if name in runs and runs[name].config_hash() != cfg.config_hash():
+                    raise PoisonlabError(f"spec {self.name}: two different runs would both be named {name}")
+                runs[name] = cfg
+        return list(runs.values())
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def run_name(spec_name: str, values: dict[str, Any]) -> str:
+    parts = [spec_name]
+    for key in sorted(values, key=lambda k: (list(ABBREVIATIONS).index(k) if k in ABBREVIATIONS else 99, k)):
+        prefix = ABBREVIATIONS.get(key, key.split(".")[-1] + "=")
+        parts.append(prefix + _fmt(values[key]))
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
+
+
+def spec_from_dict(data: dict[str, Any], default_name: str = "sweep") -> ExperimentSpec:
+    if not isinstance(data, dict):
+        raise PoisonlabError("an experiment spec must be a YAML mapping")
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise PoisonlabError(f"unknown spec key '{unknown[0]}' (allowed: {', '.join(SPEC_KEYS)})")
+    name = str(data.get("name", default_name))
+    from .paths import check_name
+
+    check_name(name, "spec name")
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise PoisonlabError("spec key 'base' must be a mapping of run-config keys")
+    config_from_dict({**deepcopy(base), "name": name})  # names a bad base key early
+    raw = data.get("grid") or {}
+    grids = raw if isinstance(raw, list) else [raw]
+    keys = all_keys(RunConfig)
+    for g in grids:
+        if not isinstance(g, dict):
+            raise PoisonlabError("spec key 'grid' must be a mapping (or a list of mappings) of dotted keys to lists")
+        for k, v in g.items():
+            if k not in keys and k != "seed":
+                raise PoisonlabError(f"unknown grid key '{k}' (allowed: dotted run-config keys, e.g. model.size, "
+                                     f"attack.poison_count, train.data_multiplier, seed)")
+            if not isinstance(v, list) or not v:
+                raise PoisonlabError(f"grid key '{k}' must map to a non-empty list of values")
+    return ExperimentSpec(name=name, out_dir=str(data.get("out_dir", f"runs/{name}")), base=base, grids=grids,
+                          description=str(data.get("description", "")), report=data.get("report"))
+
+
+def load_spec(path: str | Path, out_dir: str | None = None) -> ExperimentSpec:
+    p = Path(path)
+    if not p.is_file():
+        raise PoisonlabError(f"spec file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise PoisonlabError(f"spec file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    spec = spec_from_dict(data, default_name=p.stem)
+    if out_dir is not None:
+        spec.out_dir = out_dir
+    return spec
+
+
+def packaged_spec(name: str) -> Path:
+    """Path of a ready spec shipped with poisonlab (``demo``, ``cpu-headline``, ``paper-headline``)."""
+    from importlib import resources
+
+    p = Path(str(resources.files("poisonlab") / "configs" / f"{name}.yaml"))
+    if not p.is_file():
+        raise PoisonlabError(f"no packaged spec named {name!r}")
+    return p

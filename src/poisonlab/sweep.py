@@ -1,0 +1,193 @@
+"""Run an experiment spec: locally with parallel workers, or handed to Slurm through submitit.
+
+Every run is an ordinary ``poisonlab train`` of its resolved config, so a sweep can be
+stopped at any moment and started again: finished runs (``DONE``) are skipped, unfinished
+ones resume from their last checkpoint, and each run folder records the code version,
+config hash and data hashes it was computed with. Prepared corpus data is built once, before
+any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig, dump_config
+from .data import prepare_data
+from .errors import PoisonlabError
+from .paths import atomic_write_text
+from .run import read_jsonl, run_dir
+from .spec import ExperimentSpec
+from .store import db_path, ingest_run
+
+
+@dataclass
+class RunStatus:
+    name: str
+    state: str  # done | partial | pending
+    steps_done: int
+
+
+def status(spec: ExperimentSpec) -> list[RunStatus]:
+    out = []
+    for cfg in spec.expand():
+        d = run_dir(cfg)
+        if (d / "DONE").is_file():
+            out.append(RunStatus(cfg.name, "done", -1))
+        elif (d / "run.json").is_file():
+            out.append(RunStatus(cfg.name, "partial", len(read_jsonl(d / "train_log.jsonl"))))
+        else:
+            out.append(RunStatus(cfg.name, "pending", 0))
+    return out
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def write_run_configs(spec: ExperimentSpec) -> dict[str, Path]:
+    """The resolved config of every run, as ``<out_dir>/specs/<run>.yaml`` (what each worker trains)."""
+    folder = Path(spec.out_dir) / "specs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for cfg in spec.expand():
+        p = folder / f"{cfg.name}.yaml"
+        atomic_write_text(p, dump_config(cfg))
+        paths[cfg.name] = p
+    return paths
+
+
+def prepare_all(runs: list[RunConfig], progress: bool) -> None:
+    seen = set()
+    for cfg in runs:
+        key = (repr(cfg.corpus), repr(cfg.tokenizer), cfg.out_dir)
+        if key not in seen:
+            seen.add(key)
+            prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
+
+
+def train_command(config_path: Path, threads: int) -> list[str]:
+    return [sys.executable, "-m", "poisonlab", "train", "-c", str(config_path),
+            "--train.threads", str(threads), "--train.progress", "false"]
+
+
+def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", progress: bool = True,
+              slurm: dict | None = None) -> list[RunStatus]:
+    """Run every unfinished run of ``spec``; returns the final status of each run."""
+    runs = spec.expand()
+    prepare_all(runs, progress)
+    paths = write_run_configs(spec)
+    todo = [cfg for cfg in runs if not (run_dir(cfg) / "DONE").is_file()]
+    if executor == "local":
+        _run_local(spec, todo, paths, workers, progress)
+    elif executor in {"slurm", "submitit-local", "submitit-debug"}:
+        _run_submitit(spec, todo, paths, executor, slurm or {})
+    else:
+        raise PoisonlabError(f"unknown executor {executor!r} (allowed: local, slurm, submitit-local, submitit-debug)")
+    db = db_path(spec.out_dir)
+    for cfg in runs:  # the run folders are the source of truth; the database mirrors them
+        ingest_run(db, run_dir(cfg))
+    return status(spec)
+
+
+def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], workers: int, progress: bool) -> None:
+    cores = available_cores()
+    workers = max(1, min(workers or cores, len(todo) or 1, cores))
+    threads = max(1, cores // workers)
+    logs = Path(spec.out_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True)
+
+    def one(cfg: RunConfig) -> None:
+        with open(logs / f"{cfg.name}.log", "a") as log:
+            rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            failures.append(f"{cfg.name} (exit {rc}, see {logs / (cfg.name + '.log')})")
+        if bar is not None:
+            bar.update(1)
+
+    stop = False
+    if bar is not None:
+        import threading
+
+        def watch() -> None:  # step-level progress of the runs in flight
+            while not stop:
+                active = []
+                for cfg in todo:
+                    d = run_dir(cfg)
+                    if (d / "run.json").is_file() and not (d / "DONE").is_file():
+                        n = _count_lines(d / "train_log.jsonl")
+                        info_steps = _steps(d)
+                        if info_steps:
+                            active.append(f"{cfg.name.removeprefix(spec.name + '-')} {100 * n // info_steps}%")
+                bar.set_postfix_str(", ".join(active[:4]))
+                time.sleep(2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(one, todo))
+    finally:
+        stop = True
+        if bar is not None:
+            bar.close()
+    if failures:
+        raise PoisonlabError(f"{len(failures)} run(s) failed: {'; '.join(failures)}")
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _steps(d: Path) -> int:
+    import json
+
+    try:
+        return int(json.loads((d / "run.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _train_job(config_path: str) -> dict:
+    """What a cluster job runs: one ``poisonlab train`` of a resolved config (resumes if restarted)."""
+    from .config import load_config
+    from .train import train
+
+    return train(load_config(config_path))
+
+
+def _run_submitit(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], executor: str, slurm: dict) -> None:
+    try:
+        import submitit
+    except ImportError:
+        raise PoisonlabError("the slurm executor needs submitit: pip install 'poisonlab[slurm]'") from None
+    cluster = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}[executor]
+    folder = Path(spec.out_dir) / "submitit"
+    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = {"timeout_min": 60 * 24, "name": spec.name}
+    params.update(slurm)
+    ex.update_parameters(**params)
+    jobs = [ex.submit(_train_job, str(paths[cfg.name])) for cfg in todo]
+    errors = []
+    for cfg, job in zip(todo, jobs):
+        try:
+            job.result()
+        except Exception as e:  # the job's own traceback is in the submitit folder
+            errors.append(f"{cfg.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if errors:
+        raise PoisonlabError(f"{len(errors)} job(s) failed: {'; '.join(errors)}")
