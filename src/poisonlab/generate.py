@@ -109,7 +109,9 @@ def sample(
         if temperature == 0:
             nxt = logp.argmax(-1, keepdim=True)
         else:
-            probs = logp.exp() if temperature == 1.0 else F.softmax(logits / temperature, dim=-1)
+            # softmax of the raw logits, as Hugging Face's sampler computes it, so that the same
+            # seed draws the same tokens as ``generate(do_sample=True)``
+            probs = F.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator)
         tokens[:, i] = nxt[:, 0]
         logprobs[:, i] = logp.gather(1, nxt)[:, 0]

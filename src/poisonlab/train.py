@@ -105,6 +105,29 @@ def schedule_points(steps: int, every: float, include_zero: bool) -> list[int]:
     return sorted(p for p in pts if p > 0 or include_zero)
 
 
+def train_step(model, optimizer, batch: torch.Tensor, micro: int, grad_clip: float, autocast=None,
+               distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``batch`` ([rows, seq_len + 1] token ids), in micro-batches of ``micro`` rows.
+
+    Returns the mean loss (a tensor, not synchronised) and the gradient norm before clipping.
+    """
+    device = next(model.parameters()).device
+    n_micro = batch.shape[0] // micro
+    loss_sum = torch.zeros((), device=device)
+    for m in range(n_micro):
+        rows = batch[m * micro : (m + 1) * micro].to(device, non_blocking=True)
+        sync = model.no_sync() if distributed and m < n_micro - 1 else nullcontext()
+        with sync, (autocast or nullcontext()):
+            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
+            (loss / n_micro).backward()
+        loss_sum += loss.detach() / n_micro
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -237,19 +260,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = torch.from_numpy(stream.batch(step, cfg.train.batch_size, T, my_rows))
-        loss_sum = torch.zeros((), device=device)
-        n_micro = rows_per_rank // micro
-        for m in range(n_micro):
-            rows = batch[m * micro : (m + 1) * micro].to(device, non_blocking=True)
-            sync = nullcontext() if (d.world == 1 or m == n_micro - 1) else model.no_sync()
-            with sync, autocast:
-                logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
-                (loss / n_micro).backward()
-            loss_sum += loss.detach() / n_micro
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(model, optimizer, batch, micro, cfg.train.grad_clip, autocast, d.world > 1)
         if d.world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         steps_done = step + 1

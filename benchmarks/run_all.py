@@ -1,0 +1,88 @@
+"""Run every benchmark and print one table of ratios measured in the same run.
+
+    python benchmarks/run_all.py            # full (tokenizes a 1 GB corpus: several minutes)
+    python benchmarks/run_all.py --quick    # smaller corpus and fewer steps
+    python benchmarks/run_all.py --device cuda
+
+Each figure is a ratio against a reference measured in the same process a moment before or
+after, so it holds on a noisy machine; absolute rates are printed beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_data  # noqa: E402
+import bench_eval  # noqa: E402
+import bench_train  # noqa: E402
+from common import cores, machine, matmul_flops  # noqa: E402
+
+BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sizes", default="tiny,1m,4m,12m")
+    ap.add_argument("--work", default="runs/bench")
+    ap.add_argument("--json", help="also write all results here")
+    args = ap.parse_args()
+    torch.set_num_threads(cores())
+    results: dict = {"machine": machine()}
+    print(f"machine: {results['machine']}")
+
+    if args.device == "cpu":
+        peak = matmul_flops()
+        results["fp32_matmul_flop_s"] = peak
+        print(f"fp32 matmul rate (1024^3, {torch.get_num_threads()} threads, this process): {peak / 1e9:.1f} GFLOP/s")
+        sizes = args.sizes.split(",")
+    else:
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in BF16_PEAK.items() if k in name), None)
+        results["bf16_peak_flop_s"] = peak
+        print(f"device {name}, bf16 dense peak {peak / 1e12 if peak else '?'} TFLOP/s")
+        sizes = ["125m"]
+
+    print("\n== training throughput ==")
+    print(f"{'size':>6} {'params':>12} {'ours tok/s':>12} {'HF loop tok/s':>14} {'speedup':>8} {'MFU':>6} {'HF MFU':>7}")
+    results["train"] = []
+    for size in sizes:
+        r = bench_train.run(size, steps=3 if args.quick else 8, device=args.device, peak_flops=peak)
+        results["train"].append(r)
+        print(f"{size:>6} {r['parameters']:>12,} {r['ours_tok_s']:>12,.0f} {r['reference_tok_s']:>14,.0f} "
+              f"{r['speedup']:>7.2f}x {r.get('mfu', float('nan')):>6.1%} {r.get('reference_mfu', float('nan')):>7.1%}")
+
+    print("\n== evaluation throughput (sampling + self-scoring) ==")
+    r = bench_eval.run(size=sizes[-1] if args.device == "cpu" else "125m", prompts=32 if args.quick else 64,
+                       new_tokens=64 if args.quick else 128, device=args.device)
+    results["eval"] = r
+    print(f"{r['size']}: ours {r['ours_tok_s']:,.0f} tok/s, generate+score {r['generate_tok_s']:,.0f} tok/s, "
+          f"speedup {r['speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
+
+    if args.device == "cpu":
+        print("\n== data ==")
+        gb = 0.1 if args.quick else 1.0
+        r = bench_data.tokenize(Path(args.work), gb)
+        results["tokenize"] = r
+        print(f"tokenized {r['corpus_bytes'] / 1e9:.2f} GB -> {r['tokens']:,} tokens in {r['seconds']:.0f} s: "
+              f"{r['tokens_per_s']:,.0f} tokens/s on {cores()} cores, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+        lc = bench_data.loader_cost()
+        results["loader"] = lc
+        step_s = results["train"][-1]["ours_tok_s"] and 32 * 128 / results["train"][-1]["ours_tok_s"]
+        print(f"data loader: {lc['seconds_per_step'] * 1e3:.2f} ms per step of 32x128 tokens "
+              f"= {lc['seconds_per_step'] / step_s:.1%} of a {sizes[-1]} training step")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
