@@ -278,18 +278,20 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file's content (``{}`` when empty); missing or malformed files are one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise PoisonlabError(f"{what} file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise PoisonlabError(f"{what} file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML run config (or the defaults) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise PoisonlabError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            first = str(e).splitlines()[0]
-            raise PoisonlabError(f"config file {p} is not valid YAML: {first}") from None
+    data: dict[str, Any] = read_yaml(path, "config") if path is not None else {}
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     return config_from_dict(data)

@@ -100,57 +100,47 @@ def _style_gap_axis(ax, threshold: float) -> None:
     ax.grid(alpha=0.3)
 
 
-def fig_gap_vs_training(data, out: Path, threshold: float) -> Path | None:
-    groups = _groups(data, multiplier_filter=_main_multiplier(data))
-    counts = sorted({k[1] for k in groups})
-    if not counts:
+def _gap_panels(data, out: Path, threshold: float, panel: str, line: str, x: str, title: str, filename: str) -> Path | None:
+    """Gap against ``x``: one panel per value of ``panel``, one line (mean and band over seeds) per ``line``."""
+    mult = _main_multiplier(data)
+    groups = _groups(data, multiplier_filter=mult)
+    order = {"model_size": _size_order(data), "poison_count": sorted({k[1] for k in groups})}
+    index = {"model_size": 0, "poison_count": 1}
+    panels = [v for v in order[panel] if any(k[index[panel]] == v for k in groups)]
+    if not panels:
         return None
-    sizes = _size_order(data)
+    scale = 100.0 if x == "fraction" else 1.0
 
     def draw(plt):
-        fig, axes = _panels(plt, len(counts), "Perplexity gap (triggered - untriggered) vs % of training")
-        for ax, count in zip(axes, counts):
-            for size in sizes:
-                runs = groups.get((size, count, _main_multiplier(data)))
-                if not runs:
+        fig, axes = _panels(plt, len(panels), title)
+        for ax, pv in zip(axes, panels):
+            for lv in order[line]:
+                key = (pv, lv, mult) if panel == "model_size" else (lv, pv, mult)
+                runs = groups.get(key)
+                if not runs or (line == "poison_count" and lv == 0):
                     continue
-                x, m, lo, hi = _mean_band(runs, "fraction")
-                line, = ax.plot(100 * x, m, marker="o", markersize=3, label=f"{size} ({len(runs)} seed{'s' * (len(runs) > 1)})")
-                ax.fill_between(100 * x, lo, hi, color=line.get_color(), alpha=0.2)
+                xs, m, lo, hi = _mean_band(runs, x)
+                label = f"{lv} poisons" if line == "poison_count" else f"{lv} ({len(runs)} seed{'s' * (len(runs) > 1)})"
+                handle, = ax.plot(scale * xs, m, marker="o", markersize=3, label=label)
+                ax.fill_between(scale * xs, lo, hi, color=handle.get_color(), alpha=0.2)
             _style_gap_axis(ax, threshold)
-            ax.set_title(f"{count} poisons")
-            ax.set_xlabel("% of training")
+            ax.set_title(f"model {pv}" if panel == "model_size" else f"{pv} poisons")
+            ax.set_xlabel("% of training" if x == "fraction" else "poisoned documents seen")
         axes[0].set_ylabel("perplexity gap")
         axes[0].legend(fontsize=8)
         return fig
 
-    return _fig(out / "fig2-gap-vs-training.png", draw)
+    return _fig(out / filename, draw)
+
+
+def fig_gap_vs_training(data, out: Path, threshold: float) -> Path | None:
+    return _gap_panels(data, out, threshold, "poison_count", "model_size", "fraction",
+                       "Perplexity gap (triggered - untriggered) vs % of training", "fig2-gap-vs-training.png")
 
 
 def fig_gap_vs_poisons_seen(data, out: Path, threshold: float) -> Path | None:
-    groups = _groups(data, multiplier_filter=_main_multiplier(data))
-    sizes = [s for s in _size_order(data) if any(k[0] == s for k in groups)]
-    if not sizes:
-        return None
-
-    def draw(plt):
-        fig, axes = _panels(plt, len(sizes), "Perplexity gap vs poisoned documents seen")
-        for ax, size in zip(axes, sizes):
-            for count in sorted({k[1] for k in groups if k[0] == size}):
-                if count == 0:
-                    continue
-                runs = groups[(size, count, _main_multiplier(data))]
-                x, m, lo, hi = _mean_band(runs, "poisons_seen")
-                line, = ax.plot(x, m, marker="o", markersize=3, label=f"{count} poisons")
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2)
-            _style_gap_axis(ax, threshold)
-            ax.set_title(f"model {size}")
-            ax.set_xlabel("poisoned documents seen")
-        axes[0].set_ylabel("perplexity gap")
-        axes[0].legend(fontsize=8)
-        return fig
-
-    return _fig(out / "fig4-gap-vs-poisons-seen.png", draw)
+    return _gap_panels(data, out, threshold, "model_size", "poison_count", "poisons_seen",
+                       "Perplexity gap vs poisoned documents seen", "fig4-gap-vs-poisons-seen.png")
 
 
 def fig_data_ablation(data, out: Path, threshold: float) -> Path | None:

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import RunConfig, all_keys, config_from_dict, set_dotted
+from .config import RunConfig, all_keys, config_from_dict, read_yaml, set_dotted
 from .errors import PoisonlabError
 
 SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "report")
@@ -109,14 +107,7 @@ def spec_from_dict(data: dict[str, Any], default_name: str = "sweep") -> Experim
 
 
 def load_spec(path: str | Path, out_dir: str | None = None) -> ExperimentSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise PoisonlabError(f"spec file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise PoisonlabError(f"spec file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    spec = spec_from_dict(data, default_name=p.stem)
+    spec = spec_from_dict(read_yaml(path, "spec"), default_name=Path(path).stem)
     if out_dir is not None:
         spec.out_dir = out_dir
     return spec
