@@ -66,3 +66,9 @@ def test_cpu_specs_expand_and_fit_a_cpu(name):
         assert r.train.device in ("auto", "cpu")
         pc = parameter_count(get_size(r.model.size), r.tokenizer.vocab_size)
         assert pc.total < 20e6
+        # the poisons fit the budget with room to spare (mean poison: prefix ~ chars / 3 tokens,
+        # gibberish grows ~20% in the round trip), so no run fails on "poisons need ... tokens"
+        budget, _ = token_budget(r, pc)
+        a = r.attack
+        mean_poison = sum(a.prefix_chars) / 2 / 3 + 1.2 * sum(a.gibberish_tokens) / 2
+        assert 1.25 * a.poison_count * mean_poison < budget, r.name
