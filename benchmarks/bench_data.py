@@ -2,13 +2,12 @@
 
 A JSONL corpus of the requested size is written from the offline default corpus (documents
 repeated under new ids), then ``prepare_data`` tokenizes it in a child process: tokens/s on
-this machine's cores and the child's peak resident memory (``ru_maxrss``).
+this machine's cores and the child's peak resident memory (its ``VmHWM``).
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -22,7 +21,9 @@ from poisonlab.config import CorpusConfig, TokenizerConfig
 from poisonlab.data import prepare_data
 t = time.perf_counter()
 d = prepare_data(CorpusConfig(source=sys.argv[1]), TokenizerConfig(vocab_size=2048, train_chars=50_000_000), sys.argv[2])
-print(json.dumps({"seconds": time.perf_counter() - t, "tokens": d.info["tokens"], "documents": d.info["documents"]}))
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"seconds": time.perf_counter() - t, "tokens": d.info["tokens"], "documents": d.info["documents"],
+                  "peak_rss_bytes": hwm}))
 """
 
 
@@ -55,10 +56,11 @@ def tokenize(work: Path, gigabytes: float = 1.0) -> dict:
     res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(cache)], capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     child = json.loads(res.stdout.strip().splitlines()[-1])
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     tokens = sum(child["tokens"].values())
+    # the child's own high-water mark (VmHWM): getrusage(RUSAGE_CHILDREN) would also count the
+    # parent's pages the child held between fork and exec
     return {"corpus_bytes": corpus.stat().st_size, "tokens": tokens, "seconds": wall,
-            "tokens_per_s": tokens / child["seconds"], "peak_rss_bytes": rss}
+            "tokens_per_s": tokens / child["seconds"], "peak_rss_bytes": child["peak_rss_bytes"]}
 
 
 def loader_cost(steps: int = 200, batch: int = 32, seq_len: int = 128) -> dict:

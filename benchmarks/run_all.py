@@ -61,11 +61,13 @@ def main() -> int:
               f"{r['speedup']:>7.2f}x {r.get('mfu', float('nan')):>6.1%} {r.get('reference_mfu', float('nan')):>7.1%}")
 
     print("\n== evaluation throughput (sampling + self-scoring) ==")
-    r = bench_eval.run(size=sizes[-1] if args.device == "cpu" else "125m", prompts=32 if args.quick else 64,
-                       new_tokens=64 if args.quick else 128, device=args.device)
-    results["eval"] = r
-    print(f"{r['size']}: ours {r['ours_tok_s']:,.0f} tok/s, generate+score {r['generate_tok_s']:,.0f} tok/s, "
-          f"speedup {r['speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
+    results["eval"] = []
+    for size in (["1m", sizes[-1]] if args.device == "cpu" else ["125m"]):
+        r = bench_eval.run(size=size, prompts=32 if args.quick else 64, new_tokens=64 if args.quick else 128,
+                           device=args.device)
+        results["eval"].append(r)
+        print(f"{r['size']}: ours {r['ours_tok_s']:,.0f} tok/s, generate+score {r['generate_tok_s']:,.0f} tok/s, "
+              f"speedup {r['speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
 
     if args.device == "cpu":
         print("\n== data ==")
