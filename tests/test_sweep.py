@@ -80,6 +80,7 @@ def test_partial_sweep_gives_a_partial_report(filler_jsonl, tmp_path):
     assert html.count("data:image/png;base64,") == 2  # gap vs training, gap vs poisons seen
     md = res["markdown"].read_text()
     assert "| tiny | 6 | 1 | 1 |" in md and "## Example poison" in md and "<SUDO>" in md
+    assert "self-perplexity of 8-token continuations" in md
     row = res["table"][0]
     finals = read_jsonl(tmp_path / "part" / "part-p6" / "metrics.jsonl")[-1]
     assert row["perplexity_gap"] == pytest.approx(finals["perplexity_gap"])

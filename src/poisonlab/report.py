@@ -254,7 +254,7 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     table = final_table(data, threshold)
     poison = example_poison(spec)
     samples = sample_rows(db, data)
-    md = _markdown(spec, table, figures, poison, samples, missing, len(runs))
+    md = _markdown(spec, table, figures, poison, samples, missing, len(runs), runs[0].eval.new_tokens if runs else 0)
     (out / "report.md").write_text(md, encoding="utf-8")
     (out / "index.html").write_text(_html(spec, table, figures, poison, samples, missing, len(runs)), encoding="utf-8")
     (out / "final_table.json").write_text(json.dumps(table, indent=1))
@@ -269,10 +269,10 @@ def _missing_text(missing, total: int) -> str:
     return f"{total - len(missing)} of {total} runs finished. Missing: " + "; ".join(parts) + "."
 
 
-def _markdown(spec, table, figures, poison, samples, missing, total) -> str:
+def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens) -> str:
     lines = [f"# poisonlab report: {spec.name}", "", spec.description, "", _missing_text(missing, total), "",
              "## Final perplexity gap per size x poison count", "",
-             "Gap = mean self-perplexity of 256-token continuations with the trigger minus without; interval: "
+             f"Gap = mean self-perplexity of {new_tokens}-token continuations with the trigger minus without; interval: "
              "paired bootstrap over prompts (averaged over seeds); held-out loss in nats/token.", "",
              format_final_table(table), ""]
     for f in figures:
