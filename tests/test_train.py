@@ -7,7 +7,6 @@ import time
 
 import pytest
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -120,9 +119,6 @@ def test_existing_run_with_another_config_is_refused(filler_jsonl, tmp_path):
 
 
 def test_schedule():
-    class C:  # minimal stand-in for RunConfig.train
-        pass
-
     from poisonlab.config import RunConfig
 
     cfg = RunConfig()

@@ -9,7 +9,6 @@ prepared data, so runs can be compared prompt by prompt.
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -108,7 +107,3 @@ def backdoor_eval(
         for i in range(min(n_samples_kept, len(base)))
     ]
     return row, samples
-
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None

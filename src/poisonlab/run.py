@@ -153,8 +153,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         for key, value in data.hashes.items():
             if info["data"].get(key) != value:
                 raise PoisonlabError(f"run {d}: prepared data changed since the run started ({key} differs)")
-        for name in ("poison_tokens.safetensors", "injection_manifest.jsonl"):
-            key = "poisons" if name.startswith("poison") else "injection_manifest"
+        for name, key in (("poison_tokens.safetensors", "poisons"), ("injection_manifest.jsonl", "injection_manifest")):
             if file_sha256(d / name) != info["data"][key]:
                 raise PoisonlabError(f"run {d}: {name} was modified since the run started")
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")

@@ -27,7 +27,7 @@ from typing import Any
 from .config import RunConfig, all_keys, config_from_dict, read_yaml, set_dotted
 from .errors import PoisonlabError
 
-SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "report")
+SPEC_KEYS = ("name", "out_dir", "description", "base", "grid")
 ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x", "seed": "s"}
 
 
@@ -38,7 +38,6 @@ class ExperimentSpec:
     base: dict[str, Any]
     grids: list[dict[str, list]]
     description: str = ""
-    report: dict[str, Any] | None = None
 
     def expand(self) -> list[RunConfig]:
         """Every run of the spec, validated, in a stable order, with stable unique names."""
@@ -103,7 +102,7 @@ def spec_from_dict(data: dict[str, Any], default_name: str = "sweep") -> Experim
             if not isinstance(v, list) or not v:
                 raise PoisonlabError(f"grid key '{k}' must map to a non-empty list of values")
     return ExperimentSpec(name=name, out_dir=str(data.get("out_dir", f"runs/{name}")), base=base, grids=grids,
-                          description=str(data.get("description", "")), report=data.get("report"))
+                          description=str(data.get("description", "")))
 
 
 def load_spec(path: str | Path, out_dir: str | None = None) -> ExperimentSpec:

@@ -209,9 +209,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     ckpt = latest_checkpoint(run.dir)
     if ckpt is not None:
         start = load_checkpoint(ckpt, model, optimizer)["step"]
-    if d.main:
-        _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "running")
     if d.main:  # logs past the checkpoint are redone; evaluations already recorded are kept
+        _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "running")
         rewrite_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
         rewrite_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
     if d.world > 1:
