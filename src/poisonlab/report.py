@@ -87,7 +87,7 @@ def _panels(plt, n: int, title: str):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)
     flat = axes.ravel()
     for ax in flat[n:]:
         ax.axis("off")
