@@ -31,6 +31,8 @@ def test_run_trains_evaluates_and_labels_its_models(filler_jsonl, tmp_path):
     summary = train(cfg)
     d = tmp_path / "t"
     assert summary["poison_count"] == 6 and summary["poisons_seen"] == 6
+    # the training rate leaves out evaluations and checkpoints, so it beats the end-to-end rate
+    assert summary["training_tokens_per_s"] > summary["tokens_per_s_this_session"] > 0
     log = read_jsonl(d / "train_log.jsonl")
     assert [r["step"] for r in log] == list(range(1, 13))
     assert log[-1]["loss"] < log[0]["loss"]  # it learns

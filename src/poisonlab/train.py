@@ -253,8 +253,9 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
 
     maybe_eval(start)
     t_start = time.perf_counter()
-    tokens_since = 0
+    tokens_since, step_seconds = 0, 0.0  # training steps only, evaluations and checkpoints excluded
     for step in range(start, run.steps):
+        t_step = time.perf_counter()
         lr = lr_at(step, run.steps, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -266,10 +267,10 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         tokens_since += run.tokens_per_step
         if d.main:
             loss_v = float(loss_sum)
+            step_seconds += time.perf_counter() - t_step
             if not math.isfinite(loss_v):
                 raise PoisonlabError(f"training diverged at step {steps_done} (loss {loss_v}); lower train.lr")
-            elapsed = time.perf_counter() - t_start
-            tps = tokens_since / elapsed if elapsed > 0 else 0.0
+            tps = tokens_since / step_seconds if step_seconds > 0 else 0.0
             append_jsonl(run.dir / "train_log.jsonl", {
                 "step": steps_done, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_seen": steps_done * run.tokens_per_step, "poisons_seen": run.plan.poisons_seen(steps_done)})
@@ -298,8 +299,9 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             "run": cfg.name, "steps": run.steps, "tokens": run.budget_tokens,
             "parameters": params.total, "non_embedding_parameters": params.non_embedding,
             "poison_count": len(run.plan.poisons), "poisons_seen": run.plan.poisons_seen(run.steps),
-            "train_seconds_this_session": round(elapsed, 2),
+            "wall_seconds_this_session": round(elapsed, 2),
             "tokens_per_s_this_session": round(tokens_since / elapsed, 1) if elapsed > 0 else None,
+            "training_tokens_per_s": round(tokens_since / step_seconds, 1) if step_seconds > 0 else None,
             "threads": threads, "processes": d.world, "device": str(device),
             "final_loss": (read_jsonl(run.dir / "train_log.jsonl") or [{}])[-1].get("loss"),
             "final_eval": max(metrics, key=lambda r: r["step"]) if metrics else None,
