@@ -85,6 +85,16 @@ def test_partial_sweep_gives_a_partial_report(filler_jsonl, tmp_path):
     finals = read_jsonl(tmp_path / "part" / "part-p6" / "metrics.jsonl")[-1]
     assert row["perplexity_gap"] == pytest.approx(finals["perplexity_gap"])
 
+    # `poisonlab results` exports the same rows from the database
+    from poisonlab.cli import main
+
+    out = tmp_path / "gaps.csv"
+    assert main(["results", str(path), "--metric", "perplexity_gap", "--out", str(out)]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("run,model_size,parameters,poison_count")
+    assert len(lines) == 1 + 3  # evaluations at steps 0, 6, 12
+    assert float(lines[-1].split(",")[12]) == pytest.approx(finals["perplexity_gap"])
+
 
 def test_submitit_handoff_in_debug_mode(filler_jsonl, tmp_path):
     path = _spec_file(tmp_path, filler_jsonl, name="sub", steps=4, counts=(0, 2))
