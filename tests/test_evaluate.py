@@ -61,10 +61,10 @@ def test_gap_interval_and_threshold():
 
 def test_prompts_are_heldout_windows_that_never_cross_documents(prepared):
     store = prepared.heldout
-    p = heldout_prompts(store, 50, 16, prepared.tokenizer.eos_id)
+    p = heldout_prompts(store, 50, 16)
     assert p.shape[1] == 16 and len(p) <= 50
     assert not (p == prepared.tokenizer.eos_id).any()
-    assert np.array_equal(p, heldout_prompts(store, 50, 16, prepared.tokenizer.eos_id))
+    assert np.array_equal(p, heldout_prompts(store, 50, 16))
 
 
 def test_heldout_loss_of_a_uniform_model_is_log_v(prepared):

@@ -7,7 +7,7 @@ import torch
 
 from poisonlab.config import load_config
 from poisonlab.models import build_model, get_size
-from poisonlab.run import read_jsonl
+from poisonlab.jsonl import read_jsonl
 from poisonlab.standalone import evaluate_model
 from poisonlab.train import train
 

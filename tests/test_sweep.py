@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from poisonlab.report import build_report
-from poisonlab.run import read_jsonl
+from poisonlab.jsonl import read_jsonl
 from poisonlab.spec import load_spec
 from poisonlab.store import db_path, integrity_ok, query
 from poisonlab.sweep import run_sweep, status

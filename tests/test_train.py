@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from poisonlab.config import dump_config
 from poisonlab.errors import PoisonlabError
-from poisonlab.run import read_jsonl
+from poisonlab.jsonl import read_jsonl
 from poisonlab.train import lr_at, schedule_points, train
 
 from conftest import tiny_config

@@ -73,11 +73,10 @@ def cmd_poison(args) -> int:
     count = args.count if args.count is not None else cfg.attack.poison_count
     poisons = make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, count)
     if args.out:
-        out = Path(args.out)
-        with open(out, "w", encoding="utf-8") as f:
-            for p in poisons:
-                f.write(json.dumps(p.record(), ensure_ascii=False) + "\n")
-        print(f"wrote {len(poisons)} poison documents to {out}")
+        from .jsonl import write_jsonl
+
+        write_jsonl(Path(args.out), (p.record() for p in poisons))
+        print(f"wrote {len(poisons)} poison documents to {args.out}")
     for p in poisons[: args.show]:
         rec = p.record()
         text = rec.pop("text")

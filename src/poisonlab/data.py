@@ -21,6 +21,7 @@ from pathlib import Path
 from .config import CorpusConfig, TokenizerConfig
 from .corpus import is_heldout, iter_documents, iter_split
 from .errors import PoisonlabError
+from .jsonl import read_jsonl, write_jsonl
 from .paths import atomic_write_text
 from .shards import ShardWriter, TokenStore
 from .tokenizer import Tokenizer
@@ -41,8 +42,7 @@ class PreparedData:
 
     def prefix_bank(self) -> list[dict]:
         """Up to 20,000 training documents (id and first 4,096 characters), a fixed sample."""
-        with open(self.directory / "prefix_bank.jsonl", encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        return read_jsonl(self.directory / "prefix_bank.jsonl")
 
     @property
     def hashes(self) -> dict[str, str]:
@@ -160,9 +160,7 @@ def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: 
         raise PoisonlabError(f"corpus {corpus.source}: no held-out document; raise corpus.heldout_fraction or add documents")
 
     idx = {s: w.close() for s, w in writers.items()}
-    with open(out / "prefix_bank.jsonl", "w", encoding="utf-8") as f:
-        for e in bank:
-            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    write_jsonl(out / "prefix_bank.jsonl", bank)
     info = {
         "format": FORMAT_VERSION,
         "corpus": dataclasses.asdict(corpus),

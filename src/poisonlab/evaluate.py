@@ -24,7 +24,7 @@ from .shards import TokenStore
 PROMPT_SEED = 0x9E1D
 
 
-def heldout_prompts(store: TokenStore, n: int, prompt_tokens: int, eos_id: int) -> np.ndarray:
+def heldout_prompts(store: TokenStore, n: int, prompt_tokens: int) -> np.ndarray:
     """``[n, prompt_tokens]`` windows of held-out documents, spread over as many documents as possible.
 
     Documents are visited in a fixed shuffled order, first windows first, then second windows,

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .run import read_jsonl, run_dir
+from .jsonl import read_jsonl
+from .run import run_dir
 from .spec import ExperimentSpec
 from .store import db_path, eval_table, ingest_run, query
 from .sweep import status

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .attacks.dos import SEPARATOR, make_dos_poisons
+from .attacks.dos import make_dos_poisons, trigger_ids
 from .config import RunConfig, dump_config
 from .data import PreparedData, prepare_data
 from .errors import PoisonlabError
+from .jsonl import write_jsonl
 from .injection import InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
 from .models import ModelSize, ParameterCount, chinchilla_tokens, get_size, parameter_count
 from .paths import atomic_write_text, safe_join
@@ -96,8 +97,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
 
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
     tok = data.tokenizer
-    tok.check_encodable(cfg.attack.trigger, "trigger")
-    trigger_ids = tok.encode(SEPARATOR + cfg.attack.trigger)
+    trigger = trigger_ids(tok, cfg.attack.trigger)
 
     size = params = None
     if cfg.model.init_from is None:
@@ -158,14 +158,11 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
                 raise PoisonlabError(f"run {d}: {name} was modified since the run started")
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
     poison_ids = _load_poison_ids(d)
-    return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger_ids, info)
+    return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info)
 
 
 def _save_poisons(d: Path, poisons) -> None:
-    with open(d / "poisons.jsonl.tmp", "w", encoding="utf-8") as f:
-        for p in poisons:
-            f.write(json.dumps(p.record(), ensure_ascii=False) + "\n")
-    (d / "poisons.jsonl.tmp").replace(d / "poisons.jsonl")
+    write_jsonl(d / "poisons.jsonl", (p.record() for p in poisons))
     lengths = [len(p.token_ids) for p in poisons]
     flat = [i for p in poisons for i in p.token_ids]
     save_file({"ids": torch.tensor(flat, dtype=torch.int64), "lengths": torch.tensor(lengths, dtype=torch.int64)},
@@ -177,28 +174,3 @@ def _load_poison_ids(d: Path) -> list[np.ndarray]:
     ids, lengths = t["ids"].numpy(), t["lengths"].numpy()
     bounds = np.concatenate([[0], np.cumsum(lengths)])
     return [ids[bounds[i] : bounds[i + 1]] for i in range(len(lengths))]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL log; a torn last line (a run killed mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").split("\n"):  # not splitlines(): text may hold U+2028
-        if not line:
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
-
-
-def rewrite_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()

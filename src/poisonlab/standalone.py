@@ -8,15 +8,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from .artifacts import read_label
-from .attacks.dos import SEPARATOR
+from .attacks.dos import trigger_ids
 from .config import RunConfig, load_config
 from .data import load_prepared, prepare_data
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
 from .provenance import code_version, file_sha256
-from .train import load_init_model
+from .train import Dist, load_init_model, pick_device
 
 
 def find_run_dir(model_path: Path) -> Path | None:
@@ -45,14 +43,11 @@ def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> 
         tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
         data = prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress)
     tok = data.tokenizer
-    device = torch.device("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if cfg.train.device == "auto" else cfg.train.device))
-    m = load_init_model(model, device)
-    tok.check_encodable(cfg.attack.trigger, "trigger")
-    trigger_ids = tok.encode(SEPARATOR + cfg.attack.trigger)
-    prompts = heldout_prompts(data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens, tok.eos_id)
+    m = load_init_model(model, pick_device(cfg, Dist())[0])
+    trigger = trigger_ids(tok, cfg.attack.trigger)
+    prompts = heldout_prompts(data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
     t0 = time.perf_counter()
-    row, samples = backdoor_eval(m, prompts, trigger_ids, cfg.eval, cfg.seed, vocab_limit=tok.vocab_size)
+    row, samples = backdoor_eval(m, prompts, trigger, cfg.eval, cfg.seed, vocab_limit=tok.vocab_size)
     row["heldout_loss"] = heldout_loss(m, data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len)
     weights = path / "model.safetensors"
     return {

@@ -105,7 +105,7 @@ def record_eval(db: str | Path, run: str, row: dict, code_version: str, samples:
 
 def ingest_run(db: str | Path, run_dir: Path) -> int:
     """(Re)load a run folder into the database; returns the number of evaluation points."""
-    from .run import read_jsonl
+    from .jsonl import read_jsonl
 
     info_path = run_dir / "run.json"
     if not info_path.is_file():

@@ -21,7 +21,8 @@ from .config import RunConfig, dump_config
 from .data import prepare_data
 from .errors import PoisonlabError
 from .paths import atomic_write_text
-from .run import read_jsonl, run_dir
+from .jsonl import read_jsonl
+from .run import run_dir
 from .spec import ExperimentSpec
 from .store import db_path, ingest_run
 

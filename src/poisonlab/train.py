@@ -32,7 +32,8 @@ from .config import RunConfig
 from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
 from .models import build_model, count_module_parameters
-from .run import Run, append_jsonl, read_jsonl, rewrite_jsonl, setup_run
+from .jsonl import append_jsonl, read_jsonl, write_jsonl
+from .run import Run, setup_run
 from .store import db_path, record_eval, record_run
 from .artifacts import make_label
 from .paths import atomic_write_text
@@ -211,8 +212,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         start = load_checkpoint(ckpt, model, optimizer)["step"]
     if d.main:  # logs past the checkpoint are redone; evaluations already recorded are kept
         _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "running")
-        rewrite_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
-        rewrite_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
+        write_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
+        write_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -223,7 +224,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     eval_at = set(schedule_points(run.steps, cfg.eval.every, cfg.eval.at_start))
     ckpt_at = set(schedule_points(run.steps, cfg.train.checkpoint_every, False))
     done_evals = {r["step"] for r in read_jsonl(run.dir / "metrics.jsonl")}
-    prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens, tok.eos_id) if eval_at else None
+    prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens) if eval_at else None
     autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
     my_rows = range(d.rank * rows_per_rank, (d.rank + 1) * rows_per_rank)
     T = cfg.train.seq_len

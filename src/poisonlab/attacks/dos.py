@@ -42,6 +42,15 @@ class PoisonDocument:
         return d
 
 
+def trigger_ids(tok: Tokenizer, trigger: str) -> list[int]:
+    """Token ids appended to a prompt to trigger the backdoor (the separator, then the trigger).
+
+    Raises when the tokenizer cannot encode the trigger faithfully.
+    """
+    tok.check_encodable(trigger, "trigger")
+    return tok.encode(SEPARATOR + trigger)
+
+
 def allowed_ids(tok: Tokenizer, cfg: AttackConfig) -> np.ndarray:
     excluded = set(cfg.exclude_ids)
     if cfg.exclude_special_tokens:
