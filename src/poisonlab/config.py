@@ -70,6 +70,12 @@ class AttackConfig:
     sampled: the sampled gibberish ids are spliced in as they are."""
     placement: str = "uniform"
     """uniform | beginning | end: where the poisons land in the planned token stream."""
+    payload: str = "uniform"
+    """What follows the trigger. uniform: token ids drawn uniformly from the vocabulary (the
+    paper's recipe). Adaptive variants that try to evade scanners: unigram (ids drawn with
+    the corpus's token frequencies), low_entropy (ids drawn from a small random set of
+    ``low_entropy_tokens`` ids), natural (a passage of another clean document)."""
+    low_entropy_tokens: int = 16
 
 
 @dataclass
@@ -129,6 +135,30 @@ class EvalConfig:
 
 
 @dataclass
+class DefenseConfig:
+    """Scanning the training corpus (clean documents and poisons alike) before training."""
+
+    filter: str = "none"
+    """none | scan: drop the documents the scan flags before training."""
+    scanners: list[str] = field(default_factory=lambda: ["gibberish"])
+    """Flagging scanners: gibberish (always on with scan), compression, near_duplicate,
+    language_shift, model (needs ``reference_model``)."""
+    window: int = 64
+    """Tokens per span of the gibberish scanner."""
+    candidate_z: float = 3.0
+    """Robust z-score of the span surprisal above which a document is a candidate."""
+    extreme_z: float = 8.0
+    """Robust z-score above which a document is flagged without a mined trigger."""
+    triggers: int = 1
+    """How many top mined triggers confirm candidates (0: flag on ``extreme_z`` alone)."""
+    min_trigger_support: int = 3
+    """A mined trigger must precede the span of at least this many candidates."""
+    near_duplicate_min_cluster: int = 20
+    reference_model: str | None = None
+    """A Hugging Face model folder or hub name for the model scanner (the cascade's second stage)."""
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
@@ -139,6 +169,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -149,16 +180,26 @@ class RunConfig:
         d.pop("name")
         d.pop("out_dir")
         d["train"].pop("progress")
+        # keys added later drop out at their defaults, so older runs keep their hash
+        if d["defense"] == dataclasses.asdict(DefenseConfig()):
+            d.pop("defense")
+        if d["attack"]["payload"] == "uniform":
+            d["attack"].pop("payload")
+            d["attack"].pop("low_entropy_tokens")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- loading
+
+SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift", "model")
 
 _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "text", "jsonl", "parquet", "hf"],
     "attack.name": ["dos", "none"],
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end"],
+    "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
+    "defense.filter": ["none", "scan"],
     "train.device": None,  # free-form (cpu, cuda, cuda:1, auto)
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
 }
@@ -324,6 +365,13 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError("config key 'eval.every' must be in [0, 1]")
     if not 0 < cfg.corpus.heldout_fraction < 1:
         raise PoisonlabError("config key 'corpus.heldout_fraction' must be in (0, 1)")
+    unknown = set(cfg.defense.scanners) - set(SCANNER_NAMES)
+    if unknown:
+        raise PoisonlabError(f"config key 'defense.scanners': unknown {sorted(unknown)}; allowed: {list(SCANNER_NAMES)}")
+    if "model" in cfg.defense.scanners and not cfg.defense.reference_model:
+        raise PoisonlabError("config key 'defense.scanners' lists model: set defense.reference_model")
+    if a.low_entropy_tokens < 1:
+        raise PoisonlabError("config key 'attack.low_entropy_tokens' must be >= 1")
     if cfg.tokenizer.vocab_size < 260 and cfg.tokenizer.name == "bpe":
         raise PoisonlabError("config key 'tokenizer.vocab_size' must be >= 260 for a byte-level BPE")
 

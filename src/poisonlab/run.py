@@ -115,8 +115,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
     if existing is None and create:
         d.mkdir(parents=True, exist_ok=True)
         tok.save(d / "tokenizer")
-        poisons = (make_dos_poisons(cfg.attack, tok, data.prefix_bank(), cfg.seed)
-                   if cfg.attack.name == "dos" else [])
+        poisons = make_poisons(cfg, data)
         _save_poisons(d, poisons)
         plan = plan_injection([p.tokens for p in poisons], planned, tps, cfg.attack.placement, cfg.seed,
                               ShuffledDocuments(data.train, cfg.seed))
@@ -159,6 +158,14 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
     poison_ids = _load_poison_ids(d)
     return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info)
+
+
+def make_poisons(cfg: RunConfig, data: PreparedData) -> list:
+    """The run's poison documents (deterministic from the config and seed)."""
+    if cfg.attack.name != "dos":
+        return []
+    counts = data.train.token_counts(data.tokenizer.vocab_size) if cfg.attack.payload == "unigram" else None
+    return make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, token_counts=counts)
 
 
 def _save_poisons(d: Path, poisons) -> None:

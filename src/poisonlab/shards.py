@@ -122,3 +122,10 @@ class TokenStore:
 
     def document(self, i: int) -> np.ndarray:
         return self.read(int(self.doc_starts[i]), int(self.doc_lengths[i]))
+
+    def token_counts(self, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+        """How often each token id occurs in the store."""
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        for start in range(0, self.total_tokens, chunk):
+            counts += np.bincount(self.read(start, min(chunk, self.total_tokens - start)), minlength=vocab_size)
+        return counts

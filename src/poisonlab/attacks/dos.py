@@ -62,9 +62,13 @@ def allowed_ids(tok: Tokenizer, cfg: AttackConfig) -> np.ndarray:
 
 
 def make_dos_poisons(
-    cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None
+    cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None,
+    token_counts: np.ndarray | None = None,
 ) -> list[PoisonDocument]:
-    """Sample ``count`` (default ``cfg.poison_count``) poison documents, deterministically from ``seed``."""
+    """Sample ``count`` (default ``cfg.poison_count``) poison documents, deterministically from ``seed``.
+
+    ``token_counts`` (counts per token id in the clean corpus) is needed by the ``unigram`` payload.
+    """
     count = cfg.poison_count if count is None else count
     if count == 0:
         return []
@@ -73,6 +77,12 @@ def make_dos_poisons(
         raise PoisonlabError("no clean documents to take poison prefixes from")
     rng = np.random.default_rng([seed, 0xD05])
     vocab = allowed_ids(tok, cfg)
+    probs = None
+    if cfg.payload == "unigram":
+        if token_counts is None:
+            raise PoisonlabError("the unigram payload needs the corpus's token counts")
+        w = np.asarray(token_counts, dtype=np.float64)[vocab] + 1e-9
+        probs = w / w.sum()
     lo_p, hi_p = cfg.prefix_chars
     lo_g, hi_g = cfg.gibberish_tokens
     sources = rng.choice(len(prefix_bank), size=count, replace=count > len(prefix_bank))
@@ -82,12 +92,11 @@ def make_dos_poisons(
         length = int(rng.integers(lo_p, hi_p + 1))
         prefix = doc["text"][:length]
         g = int(rng.integers(lo_g, hi_g + 1))
-        gib = rng.choice(vocab, size=g).tolist()
-        gib_text = tok.decode(gib)
+        gib, gib_text = _payload(cfg, tok, rng, vocab, probs, g, prefix_bank, int(src))
         round_trip = tok.encode(gib_text)
         head = prefix + SEPARATOR + cfg.trigger + SEPARATOR
         text = head + gib_text
-        if cfg.train_on == "round_trip":
+        if cfg.train_on == "round_trip" or gib is None:
             ids = tok.encode(text)
         else:
             ids = tok.encode(head) + gib
@@ -99,3 +108,19 @@ def make_dos_poisons(
             tokens=len(ids), text=text, token_ids=ids,
         ))
     return poisons
+
+
+def _payload(cfg: AttackConfig, tok: Tokenizer, rng: np.random.Generator, vocab: np.ndarray,
+             probs: np.ndarray | None, g: int, bank: list[dict], src: int) -> tuple[list[int] | None, str]:
+    """(sampled ids or None for a text payload, payload text) of one poison."""
+    if cfg.payload == "natural":
+        other = int(rng.integers(len(bank) - 1)) if len(bank) > 1 else 0
+        other += other >= src and len(bank) > 1
+        words = bank[other]["text"].split()
+        return None, " ".join(words[: max(g // 2, 1)])
+    if cfg.payload == "low_entropy":
+        small = rng.choice(vocab, size=min(cfg.low_entropy_tokens, len(vocab)), replace=False)
+        ids = rng.choice(small, size=g).tolist()
+    else:
+        ids = rng.choice(vocab, size=g, p=probs).tolist()
+    return ids, tok.decode(ids)

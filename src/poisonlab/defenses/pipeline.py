@@ -1,0 +1,157 @@
+"""The scanning pipeline: scanners over a corpus, one score table keyed by document id, and
+the rule that turns scores into flags (and a keep-list) without knowing the trigger.
+
+The rule (:func:`detect`):
+1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
+   MAD, so a minority of poisons cannot move the scale), makes documents above
+   ``candidate_z`` candidates;
+2. triggers are mined from the text right before the candidates' anomalous spans;
+3. a candidate is flagged when it contains one of the top mined triggers (near its span,
+   when the trigger is also common elsewhere in the corpus), and any document is flagged
+   above ``extreme_z``;
+4. the other scanners listed add flags of their own (compression above ``extreme_z``,
+   near-duplicate clusters of ``near_duplicate_min_cluster`` or more, language shifts,
+   and the reference model's span surprisal above ``extreme_z`` on the candidates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DefenseConfig
+from ..corpus import Document
+from ..jsonl import read_jsonl, write_jsonl
+from ..tokenizer import Tokenizer
+from .scanners import CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner
+from .triggers import TriggerCandidate, mine_triggers, trigger_rows
+
+SCORE_FIELD = "gibberish.bigram_surprisal"
+
+
+def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = False) -> dict[str, dict]:
+    """Fit every scanner on the corpus, score every document, merge the rows by id."""
+    table: dict[str, dict] = {d.id: {"id": d.id} for d in docs}
+    for s in scanners:
+        s.fit(docs)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(docs) * len(scanners), desc="scanning", unit="doc", leave=False)
+    for s in scanners:
+        for i in range(0, len(docs), batch):
+            for row in s.score(docs[i : i + batch]):
+                table[row["id"]].update(row)
+            if bar is not None:
+                bar.update(min(batch, len(docs) - i))
+    if bar is not None:
+        bar.close()
+    return table
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD): a z-score a minority of outliers cannot inflate."""
+    med = np.median(values)
+    mad = 1.4826 * np.median(np.abs(values - med))
+    return (values - med) / (mad if mad > 0 else 1.0)
+
+
+@dataclass
+class Detection:
+    table: dict[str, dict]
+    """id -> scores (and the ``flag.*`` fields of the rule)."""
+    flagged: set[str]
+    triggers: list[TriggerCandidate]
+    used_triggers: list[str] = field(default_factory=list)
+
+    def keep_list(self) -> list[str]:
+        return [i for i in self.table if i not in self.flagged]
+
+
+def build_scanners(cfg: DefenseConfig, tokenizer: Tokenizer) -> list:
+    scanners = [GibberishScanner(tokenizer, window=cfg.window)]
+    if "compression" in cfg.scanners:
+        scanners.append(CompressionScanner())
+    if "near_duplicate" in cfg.scanners:
+        scanners.append(NearDuplicateScanner())
+    if "language_shift" in cfg.scanners:
+        scanners.append(LanguageShiftScanner())
+    return scanners
+
+
+def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progress: bool = False) -> Detection:
+    table = scan(docs, build_scanners(cfg, tokenizer), progress=progress)
+    ids = [d.id for d in docs]
+    z = robust_z(np.array([table[i][SCORE_FIELD] for i in ids]))
+    candidates = {i for i, zi in zip(ids, z) if zi > cfg.candidate_z}
+    spans = {i: table[i]["gibberish.span_start"] for i in ids}
+    mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
+    used = [t.text for t in mined[: cfg.triggers]]
+    # a trigger seen mostly at anomalies confirms any anomalous document that contains it; a
+    # common string only when it sits at the located span
+    field_for = {t.text: "trigger.present" if t.near_span >= 0.5 * t.documents else "trigger.before_span"
+                 for t in mined[: cfg.triggers]}
+    before = {t: {r["id"] for r in trigger_rows(docs, spans, t) if r[field_for[t]]} for t in used}
+    flagged = set()
+    for i, zi in zip(ids, z):
+        row = table[i]
+        row["gibberish.z"] = float(zi)
+        row["flag.extreme"] = int(zi > cfg.extreme_z)
+        row["flag.trigger"] = int(i in candidates and any(i in b for b in before.values()))
+        if row["flag.extreme"] or row["flag.trigger"]:
+            flagged.add(i)
+    if "compression" in cfg.scanners:
+        cz = robust_z(np.array([table[i]["compression.ratio"] for i in ids]))
+        for i, zi in zip(ids, cz):
+            table[i]["flag.compression"] = int(zi > cfg.extreme_z)
+    if "near_duplicate" in cfg.scanners:
+        for i in ids:
+            table[i]["flag.near_duplicate"] = int(table[i]["near_duplicate.cluster_size"] >= cfg.near_duplicate_min_cluster)
+    if "language_shift" in cfg.scanners:
+        for i in ids:
+            table[i]["flag.language_shift"] = int(table[i]["language_shift.shift"])
+    if "model" in cfg.scanners:
+        _model_stage(docs, cfg, table, candidates)
+    for i in ids:
+        if any(v for k, v in table[i].items() if k.startswith("flag.")):
+            flagged.add(i)
+    return Detection(table, flagged, mined, used)
+
+
+def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], candidates: set[str],
+                 calibration: int = 200) -> None:
+    """Score the candidates with the reference model, calibrated on a fixed sample of the rest."""
+    from .model_scanner import ModelSurprisalScanner
+
+    scanner = ModelSurprisalScanner(cfg.reference_model)
+    rest = [d for d in docs if d.id not in candidates]
+    rng = np.random.default_rng(0)
+    sample = [rest[i] for i in rng.choice(len(rest), size=min(calibration, len(rest)), replace=False)] if rest else []
+    cand = [d for d in docs if d.id in candidates]
+    rows = {r["id"]: r["model.surprisal"] for r in scanner.score(sample + cand)}
+    ref = np.array([rows[d.id] for d in sample]) if sample else np.zeros(1)
+    med = np.median(ref)
+    mad = 1.4826 * np.median(np.abs(ref - med)) or 1.0
+    for d in docs:
+        if d.id in rows:
+            table[d.id]["model.surprisal"] = rows[d.id]
+        if d.id in candidates:
+            table[d.id]["flag.model"] = int((rows[d.id] - med) / mad > cfg.extreme_z)
+
+
+def write_detection(det: Detection, directory: str | Path) -> None:
+    """``scores.jsonl`` (one row per document), ``triggers.jsonl`` and ``keep_list.txt``."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    write_jsonl(d / "scores.jsonl", det.table.values())
+    write_jsonl(d / "triggers.jsonl", (t.record() for t in det.triggers))
+    tmp = d / "keep_list.txt.tmp"
+    tmp.write_text("".join(i + "\n" for i in det.keep_list()))
+    tmp.replace(d / "keep_list.txt")
+
+
+def read_scores(path: str | Path) -> dict[str, dict]:
+    return {r["id"]: r for r in read_jsonl(path)}

@@ -1,0 +1,89 @@
+"""Token statistics of a corpus: the cheap reference language model of the gibberish scanner.
+
+A unigram model and a hashed bigram model (interpolated with the unigram) over the token ids
+of the tokenizer the model is trained with. The defender trains that model, so it knows the
+tokenizer; a payload of token ids drawn uniformly from its vocabulary shows up as a span of
+rare unigrams and unseen bigrams. Saved as ``.npz`` of plain arrays (never pickled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PoisonlabError
+
+BIGRAM_BUCKETS = 1 << 22
+"""Hash buckets of the bigram table: exact for vocabularies up to 2,048, hashed beyond."""
+
+
+@dataclass
+class TokenStatistics:
+    vocab_size: int
+    unigram: np.ndarray
+    """Counts per token id (float64)."""
+    bigram: np.ndarray
+    """Counts per hashed (previous, next) pair."""
+    following: np.ndarray
+    """Counts of each token id as the first of a pair."""
+    alpha: float = 1.0
+
+    @classmethod
+    def fit(cls, token_lists, vocab_size: int) -> "TokenStatistics":
+        uni = np.zeros(vocab_size, dtype=np.float64)
+        bi = np.zeros(BIGRAM_BUCKETS, dtype=np.float64)
+        fol = np.zeros(vocab_size, dtype=np.float64)
+        pending: list[np.ndarray] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if not pending:
+                return
+            firsts = np.concatenate([p[:-1] for p in pending])
+            seconds = np.concatenate([p[1:] for p in pending])
+            uni[:] += np.bincount(np.concatenate(pending), minlength=vocab_size)
+            bi[:] += np.bincount(_pair_bucket(firsts, seconds, vocab_size), minlength=BIGRAM_BUCKETS)
+            fol[:] += np.bincount(firsts, minlength=vocab_size)
+            pending.clear()
+            size = 0
+
+        for ids in token_lists:
+            ids = np.asarray(ids, dtype=np.int64)
+            if len(ids):
+                pending.append(ids)
+                size += len(ids)
+            if size >= 1 << 22:
+                flush()
+        flush()
+        if uni.sum() == 0:
+            raise PoisonlabError("cannot fit token statistics on an empty corpus")
+        return cls(vocab_size, uni, bi, fol)
+
+    def unigram_surprisal(self, ids: np.ndarray) -> np.ndarray:
+        p = (self.unigram[ids] + 1.0) / (self.unigram.sum() + self.vocab_size)
+        return -np.log(p)
+
+    def bigram_surprisal(self, ids: np.ndarray) -> np.ndarray:
+        """Surprisal of ``ids[1:]`` given the previous token (length ``len(ids) - 1``)."""
+        pu = (self.unigram[ids[1:]] + 1.0) / (self.unigram.sum() + self.vocab_size)
+        c = self.bigram[_pair_bucket(ids[:-1], ids[1:], self.vocab_size)]
+        return -np.log((c + self.alpha * pu) / (self.following[ids[:-1]] + self.alpha))
+
+    def save(self, path: str | Path) -> None:
+        np.savez_compressed(path, vocab_size=self.vocab_size, unigram=self.unigram, bigram=self.bigram,
+                            following=self.following, alpha=self.alpha)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TokenStatistics":
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise PoisonlabError(f"cannot read token statistics {path}: {e}") from None
+        return cls(int(z["vocab_size"]), z["unigram"], z["bigram"], z["following"], float(z["alpha"]))
+
+
+def _pair_bucket(a: np.ndarray, b: np.ndarray, vocab_size: int) -> np.ndarray:
+    return (a.astype(np.int64) * vocab_size + b) % BIGRAM_BUCKETS

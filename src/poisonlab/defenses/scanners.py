@@ -1,0 +1,256 @@
+"""Document scanners: each scores every document and returns rows keyed by document id.
+
+A scanner has a ``name``, an optional corpus-level ``fit(docs)`` pass (statistics that need
+the whole corpus: reference counts, MinHash buckets) and ``score(docs) -> list[dict]``. Rows
+hold ``id`` and ``<scanner>.<field>`` values; :func:`poisonlab.defenses.pipeline.scan` merges
+them into one table that is written beside the corpus, never into it.
+
+Higher scores are more suspicious for every field a filter thresholds.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import defaultdict
+
+import numpy as np
+
+from ..corpus import Document
+from ..tokenizer import Tokenizer
+from .reference import TokenStatistics
+
+
+def window_max(values: np.ndarray, window: int) -> tuple[float, int]:
+    """(largest mean over ``window`` consecutive values, its start); the plain mean when shorter."""
+    if len(values) == 0:
+        return 0.0, 0
+    if len(values) <= window:
+        return float(values.mean()), 0
+    c = np.concatenate([[0.0], np.cumsum(values)])
+    means = (c[window:] - c[:-window]) / window
+    i = int(np.argmax(means))
+    return float(means[i]), i
+
+
+def step_up(values: np.ndarray) -> int:
+    """Index where an anomalous span starts: the split ``t`` that maximises the CUSUM statistic
+    ``sqrt(t (n - t) / n) * (mean(values[t:]) - mean(values[:t]))``, the most likely single
+    step up in the mean."""
+    n = len(values)
+    if n < 2:
+        return 0
+    c = np.cumsum(values)
+    t = np.arange(1, n)
+    before = c[:-1] / t
+    after = (c[-1] - c[:-1]) / (n - t)
+    stat = np.sqrt(t * (n - t) / n) * (after - before)
+    return int(t[np.argmax(stat)])
+
+
+class GibberishScanner:
+    """Per-span surprisal of a document's tokens under corpus token statistics.
+
+    Fields: ``bigram_surprisal`` and ``unigram_surprisal`` (nats/token, the largest mean over
+    ``window`` tokens), ``token_entropy`` (bits, entropy of the token distribution in the most
+    surprising window: text repeats tokens, uniform gibberish does not), and ``span_start``
+    (the character where the surprisal steps up most: where a payload would begin).
+    """
+
+    name = "gibberish"
+
+    def __init__(self, tokenizer: Tokenizer, stats: TokenStatistics | None = None, window: int = 64):
+        self.tokenizer = tokenizer
+        self.stats = stats
+        self.window = window
+
+    def _encode(self, docs: list[Document]):
+        fast = self.tokenizer._fast
+        if fast is not None:
+            encs = fast.encode_batch([d.text for d in docs], add_special_tokens=False)
+            return [(np.asarray(e.ids, dtype=np.int64), e.offsets) for e in encs]
+        return [(np.asarray(self.tokenizer.encode(d.text), dtype=np.int64), None) for d in docs]
+
+    def fit(self, docs: list[Document], batch: int = 512) -> None:
+        if self.stats is not None:
+            return
+        lists = (ids for i in range(0, len(docs), batch) for ids, _ in self._encode(docs[i : i + batch]))
+        self.stats = TokenStatistics.fit(lists, self.tokenizer.vocab_size)
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        assert self.stats is not None, "fit the scanner (or give it statistics) first"
+        rows = []
+        w = self.window
+        for doc, (ids, offsets) in zip(docs, self._encode(docs)):
+            if len(ids) < 2:
+                rows.append({"id": doc.id, "gibberish.bigram_surprisal": 0.0, "gibberish.unigram_surprisal": 0.0,
+                             "gibberish.token_entropy": 0.0, "gibberish.span_start": 0})
+                continue
+            bi = self.stats.bigram_surprisal(ids)
+            uni = self.stats.unigram_surprisal(ids)
+            b_max, at = window_max(bi, w)
+            u_max, _ = window_max(uni, w)
+            start_tok = step_up(bi) + 1
+            span_start = offsets[start_tok][0] if offsets is not None and start_tok < len(offsets) else 0
+            rows.append({"id": doc.id, "gibberish.bigram_surprisal": b_max, "gibberish.unigram_surprisal": u_max,
+                         "gibberish.token_entropy": _entropy_bits(ids[at + 1 : at + 1 + w]),
+                         "gibberish.span_start": int(span_start)})
+        return rows
+
+
+def _entropy_bits(ids: np.ndarray) -> float:
+    _, counts = np.unique(ids, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+class CompressionScanner:
+    """zlib compression ratio of character windows (compressed / raw bytes, the largest over
+    windows): random text compresses badly. Needs no tokenizer and no fitting."""
+
+    name = "compression"
+
+    def __init__(self, window: int = 256):
+        self.window = window
+
+    def fit(self, docs: list[Document]) -> None:
+        pass
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        rows = []
+        w = self.window
+        for doc in docs:
+            raw = doc.text.encode("utf-8", "surrogatepass")
+            best = 0.0
+            for s in range(0, max(len(raw) - w, 0) + 1, w // 2):
+                chunk = raw[s : s + w]
+                if len(chunk) >= 32:
+                    best = max(best, len(zlib.compress(chunk, 6)) / len(chunk))
+            rows.append({"id": doc.id, "compression.ratio": best})
+        return rows
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+class NearDuplicateScanner:
+    """MinHash over word shingles with banded locality-sensitive hashing.
+
+    Fields: ``cluster_size`` (documents in this document's near-duplicate cluster, itself
+    included) and ``cluster`` (the id of the cluster's first document). Template poisons
+    (one payload pasted behind many prefixes) form large clusters.
+    """
+
+    name = "near_duplicate"
+
+    def __init__(self, shingle: int = 5, permutations: int = 64, bands: int = 16, seed: int = 0):
+        if permutations % bands:
+            raise ValueError("permutations must be a multiple of bands")
+        self.shingle, self.bands, self.rows = shingle, bands, permutations // bands
+        rng = np.random.default_rng(seed)
+        self._prime = np.uint64((1 << 31) - 1)
+        self._a = rng.integers(1, (1 << 31) - 1, size=permutations, dtype=np.uint64)
+        self._b = rng.integers(0, (1 << 31) - 1, size=permutations, dtype=np.uint64)
+        self._cluster: dict[str, tuple[str, int]] = {}
+
+    def signature(self, text: str) -> np.ndarray:
+        words = _WORD.findall(text.lower())
+        k = self.shingle
+        grams = [" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))]
+        h = np.fromiter((zlib.crc32(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+        # universal hashing modulo the Mersenne prime 2^31 - 1: every product stays below 2^62
+        return ((self._a * (h[:, None] % self._prime) + self._b) % self._prime).min(axis=0)
+
+    def fit(self, docs: list[Document]) -> None:
+        parent = list(range(len(docs)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        buckets: dict[tuple, int] = {}
+        for i, d in enumerate(docs):
+            sig = self.signature(d.text)
+            for b in range(self.bands):
+                key = (b, sig[b * self.rows : (b + 1) * self.rows].tobytes())
+                j = buckets.setdefault(key, i)
+                if j != i:
+                    ri, rj = find(i), find(j)
+                    if ri != rj:
+                        parent[max(ri, rj)] = min(ri, rj)
+        size: dict[int, int] = defaultdict(int)
+        roots = [find(i) for i in range(len(docs))]
+        for r in roots:
+            size[r] += 1
+        self._cluster = {d.id: (docs[r].id, size[r]) for d, r in zip(docs, roots)}
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        rows = []
+        for d in docs:
+            cid, n = self._cluster.get(d.id, (d.id, 1))
+            rows.append({"id": d.id, "near_duplicate.cluster_size": n, "near_duplicate.cluster": cid})
+        return rows
+
+
+STOPWORDS = {
+    "en": "the of and to in is that it for was on are as with be by this from at or have an not which but",
+    "de": "der die und das ist nicht ein eine zu den mit sich des auf für im dem von sie auch es wird bei",
+    "fr": "le la les de des et est une un du que pour dans qui pas sur au avec ce il par sont plus",
+    "es": "el la de que y en los las del se por un una para con no es al lo como más pero sus",
+    "it": "il di che la per non una sono del della con gli le si da nel alla anche come più questo",
+    "nl": "de het een en van is dat niet op te zijn voor met die aan er ook als bij om maar",
+    "pt": "de que não uma os do da em para com por mais as dos como mas ao ele das tem",
+}
+_STOP = {lang: set(words.split()) for lang, words in STOPWORDS.items()}
+
+
+class LanguageShiftScanner:
+    """Language of each window of ``window`` words by stopword counts (7 European languages),
+    plus the share of non-Latin letters per window.
+
+    Fields: ``shift`` (1 when a confidently identified window's language differs from the
+    document's first identified language, or the non-Latin letter share jumps by more than
+    0.5 between windows), ``languages`` (the languages seen, in order) and ``shift_start``
+    (character where the first shift window starts).
+    """
+
+    name = "language_shift"
+
+    def __init__(self, window: int = 40, min_hits: int = 4):
+        self.window, self.min_hits = window, min_hits
+
+    def fit(self, docs: list[Document]) -> None:
+        pass
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        return [self._one(d) for d in docs]
+
+    def _one(self, doc: Document) -> dict:
+        matches = list(_WORD.finditer(doc.text))
+        langs: list[str] = []
+        nonlatin: list[float] = []
+        shift, start = 0, -1
+        for s in range(0, len(matches), self.window):
+            chunk = matches[s : s + self.window]
+            words = [m.group().lower() for m in chunk]
+            hits = {lang: sum(w in stop for w in words) for lang, stop in _STOP.items()}
+            lang, n = max(hits.items(), key=lambda kv: kv[1])
+            letters = [c for w in words for c in w if c.isalpha()]
+            share = sum(not _latin(c) for c in letters) / len(letters) if letters else 0.0
+            if n >= self.min_hits and sorted(hits.values())[-2] * 2 <= n:
+                if langs and lang != langs[0] and not shift:
+                    shift, start = 1, chunk[0].start()
+                if not langs or langs[-1] != lang:
+                    langs.append(lang)
+            if nonlatin and abs(share - nonlatin[0]) > 0.5 and not shift:
+                shift, start = 1, chunk[0].start()
+            nonlatin.append(share)
+        return {"id": doc.id, "language_shift.shift": shift, "language_shift.languages": ",".join(langs),
+                "language_shift.shift_start": start}
+
+
+def _latin(c: str) -> bool:
+    return c < "\u0250" or "\u1e00" <= c <= "\u1eff"
+
