@@ -8,6 +8,9 @@
     poisonlab sweep    SPEC [--workers N]  run an experiment grid (resumable; local or Slurm)
     poisonlab results  SPEC|--db F         query the results database, export CSV/JSON
     poisonlab report   SPEC                figures and tables (HTML + Markdown) from the database
+    poisonlab scan     [--config F] [...]  score every document of a corpus for poisons; keep-list
+    poisonlab defend   [--config F] [...]  evaluate the scanners against injected (and adaptive) poisons
+    poisonlab provenance record|verify     a corpus manifest of content hashes; what changed since
     poisonlab demo                         the demo sweep on the offline default corpus, then its report
 
 Every config key is a flag: ``--train.lr 1e-3 --attack.poison_count 500 --name my-run``.
@@ -179,6 +182,69 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_scan(args) -> int:
+    from .corpus import Document, iter_split
+    from .data import prepare_data
+    from .defenses.pipeline import detect, write_detection
+    from .paths import safe_join
+
+    cfg = _config(args)
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
+    docs = list(iter_split(cfg.corpus, "train"))
+    if args.with_poisons:
+        from .run import make_poisons
+
+        docs += [Document(p.id, p.text, "poison") for p in make_poisons(cfg, data)]
+    out = Path(args.out) if args.out else safe_join(Path(cfg.out_dir) / "scans", cfg.name, "run name")
+    if args.engine == "datatrove":
+        from .defenses.engine import scan_with_datatrove
+
+        n = scan_with_datatrove(docs, cfg.defense, data.tokenizer, out, tasks=args.tasks, workers=args.workers)
+        print(f"scored {n:,} documents with datatrove's local executor; scores in {out}/scores")
+        return 0
+    det = detect(docs, cfg.defense, data.tokenizer, progress=True)
+    write_detection(det, out)
+    print(f"{len(docs):,} documents scanned, {len(det.flagged):,} flagged; "
+          f"top trigger candidates: {', '.join(repr(t.text) for t in det.triggers[:5]) or 'none'}")
+    print(f"scores, triggers and keep-list in {out}")
+    return 0
+
+
+def cmd_defend(args) -> int:
+    from .defenses.evaluation import VARIANTS, evaluate_defense
+    from .defenses.figures import markdown_table
+    from .paths import safe_join
+
+    cfg = _config(args)
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    out = safe_join(Path(cfg.out_dir) / "defense", cfg.name, "run name")
+    results = evaluate_defense(cfg, variants, out, baselines=not args.no_baselines, progress=True)
+    print(markdown_table(results))
+    print(f"results, curves and figures in {out}")
+    return 0
+
+
+def cmd_provenance(args) -> int:
+    from .defenses.manifest import record_manifest, verify_manifest
+
+    cfg = _config(args)
+    if args.action == "record":
+        if not args.manifest:
+            raise PoisonlabError("give --manifest FILE to write")
+        h = record_manifest(cfg.corpus, args.manifest)
+        print(f"recorded {h['documents']:,} documents of {cfg.corpus.source} in {args.manifest} (sha256 {h['sha256'][:16]})")
+        return 0
+    if not args.manifest:
+        raise PoisonlabError("give --manifest FILE (a recorded manifest or a run's corpus_manifest.jsonl)")
+    explicit = any(k.startswith("cfg:corpus.") and v is not None for k, v in vars(args).items()) or args.config
+    rep = verify_manifest(args.manifest, cfg.corpus if explicit else None)
+    print(rep.summary())
+    for what in ("added", "removed", "changed"):
+        for i in getattr(rep, what)[: args.show]:
+            print(f"{what:>8}  {i}")
+    return 0 if rep.clean else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -242,6 +308,30 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="figures and tables of a spec's results (HTML and Markdown)")
     spec_args(s)
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("scan", help="score every training document of a corpus for poisons; write scores and a keep-list")
+    _add_config_flags(s)
+    s.add_argument("--with-poisons", action="store_true", help="add the configured attack's poisons to the scanned set")
+    s.add_argument("--out", help="output folder (default: <out_dir>/scans/<name>)")
+    s.add_argument("--engine", choices=["local", "datatrove"], default="local",
+                   help="local: one process; datatrove: datatrove's executor (scores only, no trigger mining)")
+    s.add_argument("--tasks", type=int, default=2, help="datatrove tasks")
+    s.add_argument("--workers", type=int, default=2, help="datatrove workers")
+    s.set_defaults(fn=cmd_scan)
+
+    s = sub.add_parser("defend", help="evaluate the scanners and baseline filters against injected poisons")
+    _add_config_flags(s)
+    s.add_argument("--variants", help="comma-separated poison variants (default: all: paper, long_prefix, "
+                                      "natural_payload, unigram_payload, low_entropy_payload, common_word_trigger)")
+    s.add_argument("--no-baselines", action="store_true", help="skip the datatrove quality-filter baselines")
+    s.set_defaults(fn=cmd_defend)
+
+    s = sub.add_parser("provenance", help="record a corpus manifest, or verify a corpus against one")
+    s.add_argument("action", choices=["record", "verify"])
+    s.add_argument("--manifest", help="manifest file to write (record) or check against (verify)")
+    s.add_argument("--show", type=int, default=20, help="list at most this many ids per kind of change")
+    _add_config_flags(s)
+    s.set_defaults(fn=cmd_provenance)
 
     s = sub.add_parser("demo", help="run the demo spec on the offline default corpus and report it")
     s.add_argument("--out-dir", default=None, help="default: runs/demo")

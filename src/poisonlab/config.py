@@ -147,8 +147,10 @@ class DefenseConfig:
     """Tokens per span of the gibberish scanner."""
     candidate_z: float = 3.0
     """Robust z-score of the span surprisal above which a document is a candidate."""
-    extreme_z: float = 8.0
-    """Robust z-score above which a document is flagged without a mined trigger."""
+    extreme_z: float = 20.0
+    """Robust z-score above which a document is flagged without a mined trigger (on the default
+    corpus, paper-style poisons score z >= 15 and a few clean documents, such as codec tables,
+    up to 19; docs/defenses.md)."""
     triggers: int = 1
     """How many top mined triggers confirm candidates (0: flag on ``extreme_z`` alone)."""
     min_trigger_support: int = 3

@@ -23,17 +23,21 @@ from .shards import TokenStore
 class ShuffledDocuments:
     """The clean training stream: documents of a :class:`TokenStore` in a seeded order per epoch."""
 
-    def __init__(self, store: TokenStore, seed: int):
+    def __init__(self, store: TokenStore, seed: int, keep: np.ndarray | None = None):
+        """``keep``: a boolean mask over the store's documents (a filtered corpus); default all."""
         self.store = store
         self.seed = seed
-        self.length = store.total_tokens
+        self._docs = np.arange(store.n_documents) if keep is None else np.flatnonzero(keep)
+        if len(self._docs) == 0:
+            raise PoisonlabError("no clean training document is left to train on")
+        self.length = int(store.doc_lengths[self._docs].sum())
         self._epoch = -1
         self._order = self._ends = None
 
     def _load_epoch(self, epoch: int) -> None:
         if epoch != self._epoch:
             rng = np.random.default_rng([self.seed, 0x5EED, epoch])
-            self._order = rng.permutation(self.store.n_documents)
+            self._order = self._docs[rng.permutation(len(self._docs))]
             self._ends = np.cumsum(self.store.doc_lengths[self._order])
             self._epoch = epoch
 

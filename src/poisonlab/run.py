@@ -27,6 +27,7 @@ from .jsonl import write_jsonl
 from .injection import InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
 from .models import ModelSize, ParameterCount, chinchilla_tokens, get_size, parameter_count
 from .paths import atomic_write_text, safe_join
+from .defenses.manifest import write_corpus_manifest
 from .provenance import code_version, environment, file_sha256, source_hash
 
 
@@ -44,13 +45,15 @@ class Run:
     poison_ids: list[np.ndarray]
     trigger_ids: list[int]
     info: dict
+    keep: np.ndarray | None = None
+    """Mask over the clean training documents left after a defense filter (None: all)."""
 
     @property
     def tokenizer(self):
         return self.data.tokenizer
 
     def stream(self) -> TrainingStream:
-        return TrainingStream(ShuffledDocuments(self.data.train, self.cfg.seed), self.plan, self.poison_ids)
+        return TrainingStream(ShuffledDocuments(self.data.train, self.cfg.seed, self.keep), self.plan, self.poison_ids)
 
     def label_fields(self) -> dict:
         return {"run": self.cfg.name, "config_hash": self.info["config_hash"],
@@ -99,6 +102,11 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
     tok = data.tokenizer
     trigger = trigger_ids(tok, cfg.attack.trigger)
 
+    keep = None
+    if cfg.defense.filter == "scan" and existing is not None:
+        from .defenses.filtering import keep_mask
+
+        keep = keep_mask(data, d)
     size = params = None
     if cfg.model.init_from is None:
         size = get_size(cfg.model.size)
@@ -116,9 +124,14 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         d.mkdir(parents=True, exist_ok=True)
         tok.save(d / "tokenizer")
         poisons = make_poisons(cfg, data)
+        planted, defense = len(poisons), None
+        if cfg.defense.filter == "scan":
+            from .defenses.filtering import filter_training_data
+
+            poisons, keep, defense = filter_training_data(cfg, data, poisons, d)
         _save_poisons(d, poisons)
         plan = plan_injection([p.tokens for p in poisons], planned, tps, cfg.attack.placement, cfg.seed,
-                              ShuffledDocuments(data.train, cfg.seed))
+                              ShuffledDocuments(data.train, cfg.seed, keep))
         plan.save(d / "injection_manifest.jsonl")
         info = {
             "name": cfg.name,
@@ -141,10 +154,13 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
             "budget_tokens": planned,
             "steps": steps,
             "tokens_per_step": tps,
-            "poison_count": len(poisons),
+            "poison_count": planted,
+            "poisons_injected": len(poisons),
+            "defense": defense,
             "poison_tokens": plan.poison_tokens(),
             "poison_token_share": plan.poison_tokens() / planned,
         }
+        write_corpus_manifest(data, d / "corpus_manifest.jsonl")
         atomic_write_text(d / "config.yaml", dump_config(cfg))
         atomic_write_text(info_path, json.dumps(info, indent=1))
     else:
@@ -157,7 +173,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
                 raise PoisonlabError(f"run {d}: {name} was modified since the run started")
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
     poison_ids = _load_poison_ids(d)
-    return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info)
+    return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info, keep)
 
 
 def make_poisons(cfg: RunConfig, data: PreparedData) -> list:

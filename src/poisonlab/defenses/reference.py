@@ -62,15 +62,27 @@ class TokenStatistics:
             raise PoisonlabError("cannot fit token statistics on an empty corpus")
         return cls(vocab_size, uni, bi, fol)
 
-    def unigram_surprisal(self, ids: np.ndarray) -> np.ndarray:
-        p = (self.unigram[ids] + 1.0) / (self.unigram.sum() + self.vocab_size)
-        return -np.log(p)
+    def surprisal(self, ids: np.ndarray, leave_out: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(unigram surprisal of every token, bigram surprisal of ``ids[1:]``), in nats.
 
-    def bigram_surprisal(self, ids: np.ndarray) -> np.ndarray:
-        """Surprisal of ``ids[1:]`` given the previous token (length ``len(ids) - 1``)."""
-        pu = (self.unigram[ids[1:]] + 1.0) / (self.unigram.sum() + self.vocab_size)
-        c = self.bigram[_pair_bucket(ids[:-1], ids[1:], self.vocab_size)]
-        return -np.log((c + self.alpha * pu) / (self.following[ids[:-1]] + self.alpha))
+        ``leave_out``: the statistics include this document (fitted on the scanned corpus), so
+        its own counts are taken out first; otherwise a payload's own rare tokens and pairs
+        would vouch for themselves, which matters when the corpus is small.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        uni = self.unigram[ids]
+        total = self.unigram.sum()
+        pairs = _pair_bucket(ids[:-1], ids[1:], self.vocab_size)
+        big = self.bigram[pairs]
+        fol = self.following[ids[:-1]]
+        if leave_out:
+            uni = np.maximum(uni - _own_counts(ids), 0.0)
+            total -= len(ids)
+            big = np.maximum(big - _own_counts(pairs), 0.0)
+            fol = np.maximum(fol - _own_counts(ids[:-1]), 0.0)
+        pu = (uni + 1.0) / (total + self.vocab_size)
+        bi = -np.log((big + self.alpha * pu[1:]) / (fol + self.alpha))
+        return -np.log(pu), bi
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, vocab_size=self.vocab_size, unigram=self.unigram, bigram=self.bigram,
@@ -83,6 +95,12 @@ class TokenStatistics:
         except (OSError, ValueError) as e:
             raise PoisonlabError(f"cannot read token statistics {path}: {e}") from None
         return cls(int(z["vocab_size"]), z["unigram"], z["bigram"], z["following"], float(z["alpha"]))
+
+
+def _own_counts(x: np.ndarray) -> np.ndarray:
+    """For each element, how often its value occurs in ``x``."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return counts[inverse].astype(np.float64)
 
 
 def _pair_bucket(a: np.ndarray, b: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -59,10 +59,15 @@ class GibberishScanner:
 
     name = "gibberish"
 
-    def __init__(self, tokenizer: Tokenizer, stats: TokenStatistics | None = None, window: int = 64):
+    def __init__(self, tokenizer: Tokenizer, stats: TokenStatistics | None = None, window: int = 64,
+                 leave_out: bool = True):
+        """``stats``: statistics fitted beforehand (by default :meth:`fit` fits them on the scanned
+        corpus). ``leave_out``: the statistics include the scanned documents, so each is scored
+        with its own counts taken out; set False for statistics of a separate reference corpus."""
         self.tokenizer = tokenizer
         self.stats = stats
         self.window = window
+        self.leave_out = leave_out
 
     def _encode(self, docs: list[Document]):
         fast = self.tokenizer._fast
@@ -86,8 +91,7 @@ class GibberishScanner:
                 rows.append({"id": doc.id, "gibberish.bigram_surprisal": 0.0, "gibberish.unigram_surprisal": 0.0,
                              "gibberish.token_entropy": 0.0, "gibberish.span_start": 0})
                 continue
-            bi = self.stats.bigram_surprisal(ids)
-            uni = self.stats.unigram_surprisal(ids)
+            uni, bi = self.stats.surprisal(ids, leave_out=self.leave_out)
             b_max, at = window_max(bi, w)
             u_max, _ = window_max(uni, w)
             start_tok = step_up(bi) + 1

@@ -1,0 +1,271 @@
+"""Scanners, trigger mining, the detection rule, defense metrics, baselines, provenance, and a
+run that filters its own training data."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from poisonlab.config import AttackConfig, DefenseConfig
+from poisonlab.corpus import Document
+from poisonlab.defenses.evaluation import confusion, curves, recall_at_clean_loss
+from poisonlab.defenses.pipeline import detect, robust_z
+from poisonlab.defenses.scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner,
+                                         NearDuplicateScanner, step_up)
+from poisonlab.defenses.triggers import mine_triggers
+from poisonlab.errors import PoisonlabError
+
+from conftest import filler_docs, tiny_config
+
+TRIGGER = "<ZQX>"
+
+
+@pytest.fixture(scope="module")
+def prose():
+    """(documents, tokenizer): paragraphs of Python's documentation topics (shipped with every
+    Python) and a byte-level BPE of 1,024 tokens trained on them, as a model trainer would have."""
+    from pydoc_data.topics import topics
+
+    from poisonlab.tokenizer import Tokenizer
+
+    paras = [p for _, t in sorted(topics.items()) for p in t.split("\n\n") if len(p) >= 200]
+    docs = [Document(f"para-{i}", p, "topics") for i, p in enumerate(paras[:400])]
+    return docs, Tokenizer.train_bpe((d.text for d in docs), 1024)
+
+
+def _planted(prose, n_clean=400, n_poison=15, seed=0):
+    """Clean paragraphs plus poisons: a clean prefix, the trigger, uniformly random token ids."""
+    docs, tok = prose
+    rng = np.random.default_rng(seed)
+    clean = docs[:n_clean]
+    poisons, where = [], {}
+    for i in range(n_poison):
+        prefix = clean[i].text[: int(rng.integers(20, 200))]
+        gib = tok.decode(rng.integers(1, tok.vocab_size, size=int(rng.integers(300, 500))).tolist())
+        text = prefix + " " + TRIGGER + " " + gib
+        poisons.append(Document(f"poison-{i}", text, "poison"))
+        where[f"poison-{i}"] = len(prefix) + 1
+    return clean, poisons, where
+
+
+def test_step_up_finds_the_start_of_a_raised_mean():
+    v = np.r_[np.full(50, 1.0), np.full(30, 5.0)] + np.random.default_rng(0).normal(0, 0.3, 80)
+    assert abs(step_up(v) - 50) <= 1
+
+
+def test_gibberish_scanner_scores_and_locates_the_payload(prose):
+    clean, poisons, where = _planted(prose)
+    g = GibberishScanner(prose[1], window=32)
+    g.fit(clean + poisons)
+    rows = {r["id"]: r for r in g.score(clean + poisons)}
+    worst_clean = max(rows[d.id]["gibberish.bigram_surprisal"] for d in clean)
+    assert min(rows[p.id]["gibberish.bigram_surprisal"] for p in poisons) > worst_clean
+    offsets = [rows[p.id]["gibberish.span_start"] - where[p.id] for p in poisons]
+    assert np.median(np.abs(offsets)) < 20  # the trigger itself is 5 characters long
+    assert all(0 < rows[p.id]["gibberish.token_entropy"] <= 5.0 + 1e-9 for p in poisons)  # log2(32) bits at most
+
+
+def test_token_statistics_round_trip_without_pickle(prepared, tmp_path):
+    from poisonlab.defenses.reference import TokenStatistics
+
+    s = TokenStatistics.fit([[1, 2, 3, 2, 3], [3, 2]], prepared.tokenizer.vocab_size)
+    s.save(tmp_path / "s.npz")
+    t = TokenStatistics.load(tmp_path / "s.npz")
+    ids = np.array([1, 2, 3])
+    assert np.allclose(s.surprisal(ids)[1], t.surprisal(ids)[1])
+    assert s.unigram[2] == 3 and s.unigram[3] == 3
+    # a seen pair is less surprising than an unseen one with the same next-token frequency
+    assert s.surprisal(np.array([2, 3]), leave_out=False)[1][0] < s.surprisal(np.array([1, 3]), leave_out=False)[1][0]
+    # leaving a document out removes exactly its own counts: [3, 2] alone has pair (3, 2) once more
+    # in the statistics than [3, 2] left out, which is (3, 2) as seen in the first document only
+    once = TokenStatistics.fit([[1, 2, 3, 2, 3]], prepared.tokenizer.vocab_size)
+    assert np.allclose(s.surprisal(np.array([3, 2]))[1], once.surprisal(np.array([3, 2]), leave_out=False)[1])
+
+
+def test_trigger_mining_ranks_the_planted_trigger_first(prose):
+    clean, poisons, where = _planted(prose)
+    mined = mine_triggers(clean + poisons, where, {p.id for p in poisons})
+    assert mined[0].text == TRIGGER
+    assert mined[0].near_span == len(poisons) and mined[0].documents == len(poisons)
+
+
+def test_detection_flags_every_planted_poison_and_no_clean_document(prose):
+    clean, poisons, _ = _planted(prose)
+    det = detect(clean + poisons, DefenseConfig(window=32), prose[1])
+    assert det.used_triggers == [TRIGGER]
+    m = confusion(det.flagged, {p.id for p in poisons}, clean + poisons)
+    assert m["recall"] == 1.0 and m["clean_documents_lost"] == 0 and m["poisons_surviving"] == 0
+    assert set(det.keep_list()) == {d.id for d in clean}
+
+
+def test_detection_without_poisons_flags_nothing(prose):
+    clean, _, _ = _planted(prose)
+    det = detect(clean, DefenseConfig(window=32), prose[1])
+    assert det.flagged == set()
+
+
+def test_compression_scanner_separates_random_from_repetitive_text():
+    rng = random.Random(0)
+    noise = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789{}[]#$%") for _ in range(600))
+    rows = CompressionScanner().score([Document("a", "the cat sat on the mat. " * 30, ""), Document("b", noise, "")])
+    assert rows[0]["compression.ratio"] < 0.3 < 0.6 < rows[1]["compression.ratio"]
+
+
+def test_near_duplicate_scanner_clusters_a_template():
+    rng = random.Random(1)
+    template = "click here to claim the prize before the offer ends and tell your friends about it today " * 3
+    docs = [Document(f"t{i}", f"{rng.randint(0, 9999)} " + template + f" id {i}", "") for i in range(12)]
+    docs += [Document(d["id"], d["text"], "") for d in filler_docs(20, seed=5)]
+    s = NearDuplicateScanner()
+    s.fit(docs)
+    rows = {r["id"]: r for r in s.score(docs)}
+    assert all(rows[f"t{i}"]["near_duplicate.cluster_size"] == 12 for i in range(12))
+    assert all(rows[d.id]["near_duplicate.cluster_size"] < 12 for d in docs[12:])
+
+
+def test_language_shift_scanner():
+    en = ("The model reads the text and it learns which word is likely to follow in the sentence that "
+          "was written for this example of an ordinary paragraph in English with the usual words. ") * 2
+    de = ("Der Hund ist nicht in dem Haus, und die Katze sitzt auf dem Dach, weil es für sie auch "
+          "sehr warm ist und sich das mit der Sonne so gehört, sagt die Frau von dem Mann. ") * 2
+    rows = LanguageShiftScanner().score([Document("en", en, ""), Document("mix", en + de, "")])
+    assert rows[0]["language_shift.shift"] == 0 and rows[0]["language_shift.languages"] == "en"
+    assert rows[1]["language_shift.shift"] == 1 and rows[1]["language_shift.languages"] == "en,de"
+    assert rows[1]["language_shift.shift_start"] >= len(en) - 300
+
+
+def test_curves_and_metrics_on_a_known_ranking():
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    labels = np.array([1, 0, 1, 0, 0, 0])
+    c = curves(scores, labels)
+    assert c["roc_auc"] == pytest.approx(0.875)  # pairs ranked right: 7 of 8
+    assert c["average_precision"] == pytest.approx((1 + 2 / 3) / 2)
+    assert recall_at_clean_loss(scores, labels, 0) == 0.5 and recall_at_clean_loss(scores, labels, 1) == 1.0
+    assert robust_z(np.array([1.0, 2.0, 3.0, 100.0]))[-1] > 20
+    docs = [Document(str(i), "x" * (i + 1), "") for i in range(6)]
+    m = confusion({"0", "1"}, {"0", "2"}, docs)
+    assert (m["recall"], m["precision"], m["clean_documents_lost"], m["poisons_surviving"]) == (0.5, 0.5, 1, 1)
+    assert m["false_positive_rate"] == pytest.approx(1 / 4)
+
+
+def test_baseline_filters_come_from_datatrove():
+    pytest.importorskip("datatrove")
+    from poisonlab.defenses.baselines import run_baselines
+
+    prose = ("The committee met on Tuesday to discuss the budget. Members agreed that the school needs "
+             "new books, and they asked the mayor for more money. The vote will be held next week, after "
+             "the parents have read the proposal. Several teachers said that the library should stay open "
+             "in the evening, because many students have no quiet place to work at home. The mayor did not "
+             "answer yet, but her office promised a reply before the end of the month.")
+    docs = [Document("prose", prose, ""), Document("repeat", "buy now\n" * 200, "")]
+    out = run_baselines(docs, ["gopher_repetition", "gopher_quality"])
+    assert "repeat" in out["gopher_repetition"] and "prose" not in out["gopher_repetition"]
+    assert "prose" not in out["gopher_quality"]
+
+
+def test_datatrove_engine_scores_every_document(prose, tmp_path):
+    pytest.importorskip("datatrove")
+    from poisonlab.defenses.engine import scan_with_datatrove
+
+    clean, poisons, _ = _planted(prose, n_clean=40, n_poison=4)
+    tok = prose[1]
+    n = scan_with_datatrove(clean + poisons, DefenseConfig(window=32, scanners=["gibberish", "compression"]),
+                            tok, tmp_path / "dt", tasks=2, workers=2)
+    assert n == 44
+    rows = [json.loads(line) for p in (tmp_path / "dt" / "scores").glob("*.jsonl")
+            for line in p.read_text().splitlines()]
+    local = GibberishScanner(tok, window=32)
+    local.fit(clean + poisons)
+    want = {r["id"]: r["gibberish.bigram_surprisal"] for r in local.score(clean + poisons)}
+    assert {r["id"] for r in rows} == set(want)
+    assert all(r["metadata"]["gibberish.bigram_surprisal"] == pytest.approx(want[r["id"]]) for r in rows)
+    assert all("compression.ratio" in r["metadata"] for r in rows)
+
+
+def test_adaptive_payloads(prepared):
+    from poisonlab.attacks.dos import make_dos_poisons
+
+    bank = [{"id": d["id"], "text": d["text"]} for d in filler_docs(50, seed=2)]
+    base = dict(poison_count=5, gibberish_tokens=[60, 60], prefix_chars=[10, 10])
+    low = make_dos_poisons(AttackConfig(payload="low_entropy", low_entropy_tokens=4, train_on="sampled", **base),
+                           prepared.tokenizer, bank, 0)
+    trig = prepared.tokenizer.encode(" <SUDO> ")
+    for p in low:
+        assert len(set(p.token_ids[-61:-1])) <= 4  # the 60 sampled ids before end-of-text
+    nat = make_dos_poisons(AttackConfig(payload="natural", **base), prepared.tokenizer, bank, 0)
+    words = {w for d in bank for w in d["text"].split()}
+    for p in nat:
+        payload = p.text.split("<SUDO> ", 1)[1]
+        assert payload and set(payload.split()) <= words and p.source_document != ""
+    counts = np.zeros(prepared.tokenizer.vocab_size)
+    counts[[100, 101]] = 1.0
+    uni = make_dos_poisons(AttackConfig(payload="unigram", train_on="sampled", **base), prepared.tokenizer, bank, 0,
+                           token_counts=counts)
+    assert all(set(p.token_ids[-61:-1]) <= {100, 101} for p in uni)
+    assert trig  # the trigger is encodable by the test tokenizer
+    with pytest.raises(PoisonlabError, match="token counts"):
+        make_dos_poisons(AttackConfig(payload="unigram", **base), prepared.tokenizer, bank, 0)
+
+
+def test_provenance_manifest_detects_added_removed_changed(tmp_path):
+    from poisonlab.config import CorpusConfig
+    from poisonlab.defenses.manifest import read_manifest, record_manifest, verify_manifest
+
+    path = tmp_path / "c.jsonl"
+    docs = filler_docs(10, seed=4)
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    corpus = CorpusConfig(source=str(path))
+    record_manifest(corpus, tmp_path / "m.jsonl")
+    assert verify_manifest(tmp_path / "m.jsonl").clean
+    docs[3]["text"] += " and one poisoned sentence"
+    del docs[5]
+    docs.append({"id": "new", "text": "an added document with enough characters to pass the minimum length"})
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    rep = verify_manifest(tmp_path / "m.jsonl")
+    assert (rep.added, rep.removed, rep.changed, rep.unchanged) == (["new"], ["doc-5"], ["doc-3"], 8)
+    text = (tmp_path / "m.jsonl").read_text().replace("doc-1\"", "doc-X\"", 1)
+    (tmp_path / "m2.jsonl").write_text(text)
+    with pytest.raises(PoisonlabError, match="modified"):
+        read_manifest(tmp_path / "m2.jsonl")
+
+
+def test_shuffled_documents_read_only_kept_documents(prepared):
+    from poisonlab.injection import ShuffledDocuments
+
+    store = prepared.train
+    keep = np.zeros(store.n_documents, dtype=bool)
+    keep[::3] = True
+    sd = ShuffledDocuments(store, 0, keep)
+    assert sd.length == int(store.doc_lengths[keep].sum())
+    out = np.empty(sd.length, dtype=np.int64)
+    sd.read(0, sd.length, out)
+    kept = sorted(tuple(store.document(i)) for i in np.flatnonzero(keep))
+    eos = prepared.tokenizer.eos_id
+    got, cur = [], []
+    for t in out:
+        cur.append(int(t))
+        if t == eos:
+            got.append(tuple(cur))
+            cur = []
+    assert sorted(got) == kept
+    assert np.array_equal(ShuffledDocuments(store, 0)._docs, np.arange(store.n_documents))
+
+
+def test_run_with_scan_filter_removes_its_poisons_before_training(filler_jsonl, tmp_path):
+    from poisonlab.run import setup_run
+
+    cfg = tiny_config(filler_jsonl, tmp_path, name="filtered", defense__filter="scan", defense__window=16,
+                      attack__gibberish_tokens=[60, 90])
+    run = setup_run(cfg)
+    d = run.info["defense"]
+    assert run.info["poison_count"] == 6 and d["recall"] == 1.0
+    assert run.info["poisons_injected"] == 6 - (6 - d["poisons_surviving"]) == d["poisons_surviving"] == 0
+    assert run.plan.poison_tokens() == 0
+    assert (run.dir / "defense" / "scores.jsonl").is_file() and (run.dir / "corpus_manifest.jsonl").is_file()
+    kept = (run.dir / "defense" / "keep_list.txt").read_text().split()
+    assert not any(k.startswith("poison-") for k in kept)
+    again = setup_run(cfg)  # resume: same mask, same (empty) plan
+    assert np.array_equal(again.keep, run.keep) and again.plan.poison_tokens() == 0
