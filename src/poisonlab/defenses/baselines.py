@@ -24,19 +24,27 @@ def _filters() -> dict:
             "c4": C4QualityFilter, "fineweb": FineWebQualityFilter}
 
 
-def run_baselines(docs: list[Document], names=BASELINES) -> dict[str, dict[str, str]]:
-    """name -> {dropped document id: the filter's reason}."""
+def run_baselines(docs: list[Document], names=BASELINES, cache: dict | None = None) -> dict[str, dict[str, str]]:
+    """name -> {dropped document id: the filter's reason}.
+
+    ``cache`` (a dict kept by the caller) remembers verdicts by filter and content hash, so the
+    clean documents shared by several evaluations are judged once.
+    """
     from datatrove.data import Document as DTDocument
 
     classes = _filters()
+    cache = {} if cache is None else cache
     out: dict[str, dict[str, str]] = {}
     for name in names:
         f = classes[name]()
         dropped = {}
         for d in docs:
-            verdict = f.filter(DTDocument(text=d.text, id=d.id))
-            keep, reason = verdict if isinstance(verdict, tuple) else (verdict, name)
-            if not keep:
-                dropped[d.id] = reason or name
+            key = (name, d.sha256)
+            if key not in cache:
+                verdict = f.filter(DTDocument(text=d.text, id=d.id))
+                keep, reason = verdict if isinstance(verdict, tuple) else (verdict, name)
+                cache[key] = None if keep else (reason or name)
+            if cache[key] is not None:
+                dropped[d.id] = cache[key]
         out[name] = dropped
     return out

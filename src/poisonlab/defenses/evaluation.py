@@ -102,7 +102,8 @@ def recall_at_clean_loss(scores: np.ndarray, labels: np.ndarray, clean_lost: int
     return float((scores[labels == 1] > thr).mean())
 
 
-def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progress: bool = False) -> tuple[dict, Detection]:
+def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progress: bool = False,
+                     baseline_cache: dict | None = None) -> tuple[dict, Detection]:
     vcfg = variant_config(cfg, variant)
     docs, poisons, tok = scan_set(vcfg, progress)
     t0 = time.perf_counter()
@@ -118,7 +119,7 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
     if baselines:
         from .baselines import run_baselines
 
-        for name, dropped in run_baselines(docs).items():
+        for name, dropped in run_baselines(docs, cache=baseline_cache).items():
             m = confusion(set(dropped), poisons, docs)
             m["scanner_recall_at_equal_clean_loss"] = recall_at_clean_loss(
                 scores["gibberish.bigram_surprisal"], labels, m["clean_documents_lost"])
@@ -140,8 +141,9 @@ def evaluate_defense(cfg: RunConfig, variants: list[str], out: str | Path, basel
     ``<out>/defense.json`` (config, code version, metrics, curves) and figures."""
     out = Path(out)
     results = []
+    cache: dict = {}
     for v in variants:
-        res, det = evaluate_variant(cfg, v, baselines, progress)
+        res, det = evaluate_variant(cfg, v, baselines, progress, cache)
         write_detection(det, out / v)
         results.append(res)
         if progress:

@@ -1,0 +1,111 @@
+"""Corpus scanning throughput on one core: documents/s of each scanner, the datatrove
+baseline filters beside them, and the reference-model stage in tokens/s.
+
+    python benchmarks/bench_scan.py [--documents 3000]
+
+Runs on the offline default corpus (Python's documentation and sources) with 250 paper-style
+poisons mixed in. One process and one tokenizer thread (RAYON_NUM_THREADS=1), so the rates
+are per core; the ratios compare scanners measured in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def scan_set(n_docs: int):
+    from poisonlab.config import RunConfig
+    from poisonlab.defenses.evaluation import scan_set as make
+
+    cfg = RunConfig(out_dir=str(Path(tempfile.gettempdir()) / "poisonlab-bench"))
+    cfg.tokenizer.vocab_size = 2048
+    cfg.attack.poison_count = 250
+    docs, poisons, tok = make(cfg)
+    clean = [d for d in docs if d.id not in poisons][: n_docs]
+    return clean + [d for d in docs if d.id in poisons], tok
+
+
+def rate(scanner, docs) -> dict:
+    t = time.perf_counter()
+    scanner.fit(docs)
+    fit = time.perf_counter() - t
+    t = time.perf_counter()
+    scanner.score(docs)
+    score = time.perf_counter() - t
+    return {"fit_s": fit, "score_s": score, "docs_per_s": len(docs) / (fit + score),
+            "score_docs_per_s": len(docs) / score}
+
+
+def run(n_docs: int = 3000) -> dict:
+    from poisonlab.defenses.scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner,
+                                             NearDuplicateScanner)
+
+    torch.set_num_threads(1)
+    docs, tok = scan_set(n_docs)
+    chars = sum(len(d.text) for d in docs)
+    out = {"documents": len(docs), "mean_chars": chars / len(docs), "scanners": {}}
+    for s in (GibberishScanner(tok), CompressionScanner(), NearDuplicateScanner(), LanguageShiftScanner()):
+        out["scanners"][s.name] = rate(s, docs)
+    try:
+        from datatrove.data import Document as DT
+
+        from poisonlab.defenses.baselines import _filters
+
+        for name, cls in _filters().items():
+            f = cls()
+            f.filter(DT(text=docs[0].text, id="warm"))  # loads spaCy's tokenizer once
+            t = time.perf_counter()
+            for d in docs:
+                f.filter(DT(text=d.text, id=d.id))
+            out["scanners"][f"baseline {name}"] = {"docs_per_s": len(docs) / (time.perf_counter() - t)}
+    except ImportError:
+        pass
+    out["model"] = model_stage(docs[:64], tok)
+    return out
+
+
+def model_stage(docs, tok) -> dict:
+    """Tokens/s of the reference-model scanner with an (untrained) 1m-size model."""
+    from poisonlab.defenses.model_scanner import ModelSurprisalScanner
+    from poisonlab.models import build_model, get_size
+
+    with tempfile.TemporaryDirectory() as d:
+        model = build_model(get_size("1m"), tok.vocab_size, tok.eos_id)
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save(d)
+        s = ModelSurprisalScanner(d)
+        t = time.perf_counter()
+        s.score(docs)
+        sec = time.perf_counter() - t
+    return {"size": "1m", "tokens": s.tokens_scored, "tokens_per_s": s.tokens_scored / sec}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--documents", type=int, default=3000, help="clean documents (250 poisons are added)")
+    args = p.parse_args()
+    r = run(args.documents)
+    print(f"{r['documents']:,} documents, {r['mean_chars']:,.0f} characters on average; one core")
+    ref = r["scanners"]["gibberish"]["docs_per_s"]
+    print(f"{'scanner':<28} {'docs/s':>10} {'vs gibberish':>13}")
+    for name, v in r["scanners"].items():
+        print(f"{name:<28} {v['docs_per_s']:>10,.0f} {v['docs_per_s'] / ref:>12.2f}x")
+    m = r["model"]
+    print(f"reference model ({m['size']}): {m['tokens_per_s']:,.0f} tokens/s on one core")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
