@@ -6,9 +6,9 @@ The rule (:func:`detect`):
    MAD, so a minority of poisons cannot move the scale), makes documents above
    ``candidate_z`` candidates;
 2. triggers are mined from the text right before the candidates' anomalous spans;
-3. a candidate is flagged when it contains one of the top mined triggers (near its span,
-   when the trigger is also common elsewhere in the corpus), and any document is flagged
-   above ``extreme_z``;
+3. a candidate is flagged when it contains one of the top mined triggers, provided most
+   documents containing that string are candidates with it at their span (a common word
+   confirms nothing); any document is flagged above ``extreme_z``;
 4. the other scanners listed add flags of their own (compression above ``extreme_z``,
    near-duplicate clusters of ``near_duplicate_min_cluster`` or more, language shifts,
    and the reference model's span surprisal above ``extreme_z`` on the candidates).
@@ -89,11 +89,10 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     candidates = {i for i, zi in zip(ids, z) if zi > cfg.candidate_z}
     spans = {i: table[i]["gibberish.span_start"] for i in ids}
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
-    used = [t.text for t in mined[: cfg.triggers]]
-    # a trigger seen mostly at anomalies confirms any anomalous document that contains it; a
-    # common string only when it sits at the located span
-    field_for = {t.text: "trigger.present" if t.near_span >= 0.5 * t.documents else "trigger.before_span"
-                 for t in mined[: cfg.triggers]}
+    # a mined string confirms candidates only when most documents containing it are anomalous
+    # there: a common string (or no trigger at all) confirms nothing, so only extreme_z flags
+    used = [t.text for t in mined[: cfg.triggers] if t.near_span >= 0.5 * t.documents]
+    field_for = {t: "trigger.present" for t in used}
     before = {t: {r["id"] for r in trigger_rows(docs, spans, t) if r[field_for[t]]} for t in used}
     flagged = set()
     for i, zi in zip(ids, z):
