@@ -26,7 +26,7 @@ from ..corpus import Document
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner
-from .triggers import TriggerCandidate, mine_triggers, trigger_rows
+from .triggers import TriggerCandidate, mine_triggers
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
 
@@ -92,14 +92,13 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     # a mined string confirms candidates only when most documents containing it are anomalous
     # there: a common string (or no trigger at all) confirms nothing, so only extreme_z flags
     used = [t.text for t in mined[: cfg.triggers] if t.near_span >= 0.5 * t.documents]
-    field_for = {t: "trigger.present" for t in used}
-    before = {t: {r["id"] for r in trigger_rows(docs, spans, t) if r[field_for[t]]} for t in used}
+    confirmed = {d.id for d in docs if d.id in candidates and any(t in d.text for t in used)}
     flagged = set()
     for i, zi in zip(ids, z):
         row = table[i]
         row["gibberish.z"] = float(zi)
         row["flag.extreme"] = int(zi > cfg.extreme_z)
-        row["flag.trigger"] = int(i in candidates and any(i in b for b in before.values()))
+        row["flag.trigger"] = int(i in confirmed)
         if row["flag.extreme"] or row["flag.trigger"]:
             flagged.add(i)
     if "compression" in cfg.scanners:

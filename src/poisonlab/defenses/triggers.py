@@ -76,14 +76,3 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int], anomalous: s
         kept.append(t)
     return kept[:top]
 
-
-def trigger_rows(docs: list[Document], span_start: dict[str, int], trigger: str, distance: int = 256) -> list[dict]:
-    """Field ``trigger.before_span``: 1 when ``trigger`` occurs within ``distance`` characters
-    before (or ``LOOK_AFTER`` after) the document's located span start; ``trigger.present``:
-    1 when it occurs anywhere."""
-    rows = []
-    for d in docs:
-        s = span_start.get(d.id, 0)
-        near = bool(trigger) and trigger in d.text[max(0, s - distance) : s + LOOK_AFTER]
-        rows.append({"id": d.id, "trigger.before_span": int(near), "trigger.present": int(bool(trigger) and trigger in d.text)})
-    return rows
