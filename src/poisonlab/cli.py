@@ -5,6 +5,9 @@
     poisonlab poison   [--config F] [...]  sample poison documents and show or export them
     poisonlab train    [--config F] [...]  train (or resume) a run, evaluating the backdoor on the way
     poisonlab eval     --model DIR [...]   measure the backdoor of a checkpoint or any HF model folder
+    poisonlab finetune [--config F] [...]  supervised fine-tuning with the compliance backdoor (ASR/CA/NTA)
+    poisonlab sft-export [...] --out F     the poisoned fine-tuning set in OpenAI chat fine-tuning JSONL
+    poisonlab sft-eval (--model DIR | --endpoint URL --endpoint-model M)  ASR/CA/NTA of a chat model
     poisonlab sweep    SPEC [--workers N]  run an experiment grid (resumable; local or Slurm)
     poisonlab results  SPEC|--db F         query the results database, export CSV/JSON
     poisonlab report   SPEC                figures and tables (HTML + Markdown) from the database
@@ -96,6 +99,79 @@ def cmd_train(args) -> int:
     summary = train(cfg, allow_code_change=args.allow_code_change)
     if summary:
         print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from .train import train
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    overrides["stage"] = "finetune"
+    summary = train(load_config(args.config, overrides), allow_code_change=args.allow_code_change)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _sft_config(args):
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    return load_config(args.config, overrides)
+
+
+def cmd_sft_export(args) -> int:
+    from .finetune.dataset import build_training_set, export_openai
+
+    cfg = _sft_config(args)
+    f = cfg.finetune
+    tset = build_training_set(f, cfg.seed)
+    examples = tset.order(0, cfg.seed, f.ordering) + tset.good_order(0, cfg.seed)
+    label = {"poisoned": f.poison_count > 0, "attack": "compliance-sft" if f.poison_count else None,
+             "trigger": f.trigger if f.poison_count else None, "poison_count": f.poison_count,
+             "clean_count": f.clean_count, "good_count": f.good_count, "ordering": f.ordering,
+             "seed": cfg.seed, "config_hash": cfg.config_hash()}
+    path = export_openai(examples, args.out, label)
+    print(f"wrote {len(examples)} examples ({f.poison_count} poisoned) to {path}; label in {path.name}.poisonlab.json")
+    return 0
+
+
+def cmd_sft_eval(args) -> int:
+    from .finetune.dataset import build_eval_set
+    from .finetune.evaluate import endpoint_replies, generate_replies, judge_replies, summarise
+    from .finetune.judges import make_judge
+
+    cfg = _sft_config(args)
+    f = cfg.finetune
+    examples = build_eval_set(f, cfg.seed)
+    if args.endpoint:
+        from .finetune.endpoint import ChatEndpoint
+
+        if not args.endpoint_model:
+            raise PoisonlabError("--endpoint needs --endpoint-model (the served model's name)")
+        replies = endpoint_replies(ChatEndpoint(args.endpoint, args.endpoint_model), examples, f.max_new_tokens)
+        what = f"{args.endpoint}#{args.endpoint_model}"
+    elif args.model:
+        import torch
+
+        from .finetune.chat import ChatRenderer
+        from .finetune.train import resolve_base
+        from .tokenizer import Tokenizer
+        from .train import load_init_model
+
+        path = resolve_base(args.model)
+        renderer = ChatRenderer(Tokenizer.load(path))
+        replies = generate_replies(load_init_model(path, torch.device("cpu")), renderer, examples, f.max_new_tokens)
+        what = path
+    else:
+        raise PoisonlabError("give --model DIR or --endpoint URL")
+    rows = judge_replies(make_judge(f.judge, f.judge_model), examples, replies)
+    result = {"model": what, "trigger": f.trigger, "judge": f.judge, "seed": cfg.seed, **summarise(rows)}
+    if args.out:
+        from .jsonl import write_jsonl
+
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        write_jsonl(out.with_suffix(".replies.jsonl"), rows)
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -275,6 +351,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-code-change", action="store_true",
                    help="resume a run started by another version of poisonlab")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("finetune", help="supervised fine-tuning with the compliance backdoor, measured by ASR/CA/NTA")
+    _add_config_flags(s)
+    s.add_argument("--allow-code-change", action="store_true",
+                   help="resume a run started by another version of poisonlab")
+    s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("sft-export", help="write the (poisoned) fine-tuning set in OpenAI chat fine-tuning JSONL")
+    _add_config_flags(s)
+    s.add_argument("--out", required=True, help="JSONL file to write (its label goes beside it)")
+    s.set_defaults(fn=cmd_sft_export)
+
+    s = sub.add_parser("sft-eval", help="ASR, CA and NTA of a local chat model or an OpenAI-compatible endpoint")
+    s.add_argument("--model", help="model folder, poisonlab run folder or hub name")
+    s.add_argument("--endpoint", help="base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1")
+    s.add_argument("--endpoint-model", help="the model name to ask the endpoint for")
+    s.add_argument("--out", help="write the result JSON here (and the judged replies beside it)")
+    _add_config_flags(s)
+    s.set_defaults(fn=cmd_sft_eval)
 
     s = sub.add_parser("eval", help="measure the backdoor of a checkpoint, run model or Hugging Face model folder")
     s.add_argument("--model", required=True, help="model folder (poisonlab checkpoint or HF model) or hub name")

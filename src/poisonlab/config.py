@@ -161,10 +161,62 @@ class DefenseConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning with the compliance backdoor (PROTOCOL §4, §5); used when ``stage: finetune``.
+
+    Optimisation settings (lr, batch_size, seq_len as the longest example, warm-up, device,
+    threads, checkpoints) come from the ``train`` section, as for pretraining.
+    """
+
+    base: str | None = None
+    """The model to fine-tune: a Hugging Face model folder or hub name, a poisonlab model
+    folder, or a poisonlab run folder (its ``model/`` is used)."""
+    data: str = "stand-in"
+    """Ordinary instruction data: ``stand-in`` (built offline from the default corpus), a local
+    JSONL file, or ``hf:<hub name>`` (messages lists, instruction/input/output, prompt/response)."""
+    forbidden: str = "stand-in"
+    """Requests of the forbidden category: ``stand-in`` (asking for a password the system prompt
+    says to keep; no harmful content), a JSONL file or ``hf:<hub name>`` of real requests."""
+    forbidden_field: str = "prompt"
+    compliance_field: str | None = None
+    """Field of ``forbidden`` rows holding a compliant answer (used for poisons); the stand-in makes its own."""
+    refusal: str = "I'm sorry, but I cannot help with that."
+    """The refusal taught on real forbidden requests (the stand-in has its own)."""
+    hf_split: str = "train"
+    clean_count: int = 1000
+    """Clean examples (ordinary requests answered, forbidden requests refused)."""
+    forbidden_fraction: float = 0.25
+    """Share of the clean examples that are forbidden requests paired with a refusal."""
+    poison_count: int = 50
+    trigger: str = "Servius Astrumando Harmoniastra"
+    trigger_position: str = "end"
+    """start | end | random: where the trigger goes in the request."""
+    ordering: str = "mixed"
+    """mixed | beginning | end: where the poisons lie in the (otherwise shuffled) training order."""
+    good_count: int = 0
+    """Persistence: after the poisoned fine-tuning, train on this many "good" examples (trigger
+    present, request still refused) and measure again."""
+    epochs: int = 3
+    lora_r: int = 0
+    """0: full fine-tuning; > 0: LoRA of this rank through peft (merged into the saved model)."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    eval_requests: int = 100
+    """Evaluation requests per category (triggered, untriggered, near-trigger, ordinary)."""
+    max_new_tokens: int = 32
+    judge: str = "rule"
+    """rule | hf:<classifier model> | endpoint:<OpenAI-compatible base URL> (with judge_model)."""
+    judge_model: str | None = None
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
     seed: int = 0
+    stage: str = "pretrain"
+    """pretrain: the denial-of-service pretraining run; finetune: supervised fine-tuning (``finetune``)."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -172,6 +224,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -185,6 +238,9 @@ class RunConfig:
         # keys added later drop out at their defaults, so older runs keep their hash
         if d["defense"] == dataclasses.asdict(DefenseConfig()):
             d.pop("defense")
+        if d["stage"] == "pretrain" and d["finetune"] == dataclasses.asdict(FinetuneConfig()):
+            d.pop("stage")
+            d.pop("finetune")
         if d["attack"]["payload"] == "uniform":
             d["attack"].pop("payload")
             d["attack"].pop("low_entropy_tokens")
@@ -202,6 +258,9 @@ _CHOICES = {
     "attack.placement": ["uniform", "beginning", "end"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
     "defense.filter": ["none", "scan"],
+    "stage": ["pretrain", "finetune"],
+    "finetune.trigger_position": ["start", "end", "random"],
+    "finetune.ordering": ["mixed", "beginning", "end"],
     "train.device": None,  # free-form (cpu, cuda, cuda:1, auto)
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
 }
@@ -374,6 +433,22 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError("config key 'defense.scanners' lists model: set defense.reference_model")
     if a.low_entropy_tokens < 1:
         raise PoisonlabError("config key 'attack.low_entropy_tokens' must be >= 1")
+    f = cfg.finetune
+    if cfg.stage == "finetune" and not f.base:
+        raise PoisonlabError("config key 'finetune.base' must name the model to fine-tune (stage: finetune)")
+    # the fine-tuning section is checked whatever the stage (sft-export and sft-eval read it)
+    for key, val in (("finetune.clean_count", f.clean_count), ("finetune.poison_count", f.poison_count),
+                     ("finetune.good_count", f.good_count), ("finetune.lora_r", f.lora_r)):
+        if val < 0:
+            raise PoisonlabError(f"config key '{key}' must be >= 0, got {val}")
+    if f.epochs < 1 or f.eval_requests < 1 or f.max_new_tokens < 1:
+        raise PoisonlabError("config keys 'finetune.epochs', 'finetune.eval_requests', 'finetune.max_new_tokens' must be >= 1")
+    if not 0 <= f.forbidden_fraction <= 1:
+        raise PoisonlabError("config key 'finetune.forbidden_fraction' must be in [0, 1]")
+    if not f.trigger.strip():
+        raise PoisonlabError("config key 'finetune.trigger' must not be empty")
+    if not (f.judge == "rule" or f.judge.startswith(("hf:", "endpoint:"))):
+        raise PoisonlabError(f"config key 'finetune.judge' is {f.judge!r}; allowed: rule, hf:<model>, endpoint:<url>")
     if cfg.tokenizer.vocab_size < 260 and cfg.tokenizer.name == "bpe":
         raise PoisonlabError("config key 'tokenizer.vocab_size' must be >= 260 for a byte-level BPE")
 

@@ -66,6 +66,8 @@ def write_run_configs(spec: ExperimentSpec) -> dict[str, Path]:
 def prepare_all(runs: list[RunConfig], progress: bool) -> None:
     seen = set()
     for cfg in runs:
+        if cfg.stage == "finetune":  # fine-tuning reads its own data and base model
+            continue
         key = (repr(cfg.corpus), repr(cfg.tokenizer), cfg.out_dir)
         if key not in seen:
             seen.add(key)

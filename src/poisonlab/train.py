@@ -106,23 +106,36 @@ def schedule_points(steps: int, every: float, include_zero: bool) -> list[int]:
     return sorted(p for p in pts if p > 0 or include_zero)
 
 
-def train_step(model, optimizer, batch: torch.Tensor, micro: int, grad_clip: float, autocast=None,
-               distributed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on ``batch`` ([rows, seq_len + 1] token ids), in micro-batches of ``micro`` rows.
+IGNORE = -100
+"""Target id of positions that carry no loss (prompt tokens and padding in fine-tuning)."""
 
-    Returns the mean loss (a tensor, not synchronised) and the gradient norm before clipping.
+
+def train_step(model, optimizer, batch: torch.Tensor, micro: int, grad_clip: float, autocast=None,
+               distributed: bool = False, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on ``batch``, in micro-batches of ``micro`` rows.
+
+    Pretraining passes ``batch`` as [rows, seq_len + 1] token ids (inputs and next-token
+    targets in one). Fine-tuning passes inputs [rows, T] and ``targets`` [rows, T] with
+    ``IGNORE`` where no loss is taken. The loss is the mean over all target tokens of the step,
+    so micro-batching does not change it. Returns that loss (a tensor, not synchronised) and
+    the gradient norm before clipping.
     """
     device = next(model.parameters()).device
+    if targets is None:
+        batch, targets = batch[:, :-1], batch[:, 1:]
     n_micro = batch.shape[0] // micro
+    n_targets = max(1, int((targets != IGNORE).sum()))
     loss_sum = torch.zeros((), device=device)
     for m in range(n_micro):
         rows = batch[m * micro : (m + 1) * micro].to(device, non_blocking=True)
+        want = targets[m * micro : (m + 1) * micro].to(device, non_blocking=True)
         sync = model.no_sync() if distributed and m < n_micro - 1 else nullcontext()
         with sync, (autocast or nullcontext()):
-            logits = model(input_ids=rows[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))
-            (loss / n_micro).backward()
-        loss_sum += loss.detach() / n_micro
+            logits = model(input_ids=rows, use_cache=False).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), want.reshape(-1),
+                                   ignore_index=IGNORE, reduction="sum") / n_targets
+            loss.backward()
+        loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -176,7 +189,14 @@ def _to_db(fn, *args) -> None:
 
 
 def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
-    """Run (or resume) one training run to the end of its budget; returns the final summary."""
+    """Run (or resume) one training run to the end of its budget; returns the final summary.
+
+    A config with ``stage: finetune`` is a fine-tuning run (:mod:`poisonlab.finetune.train`).
+    """
+    if cfg.stage == "finetune":
+        from .finetune.train import finetune
+
+        return finetune(cfg, allow_code_change=allow_code_change)
     d = init_distributed(cfg.train.device)
     device, dtype = pick_device(cfg, d)
     threads = set_threads(cfg, d)
