@@ -293,6 +293,16 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     assert info["data"]["sft_train"] and info["base_model"] == str(base)
     kinds = [json.loads(x)["kind"] for x in (d / "sft_train.jsonl").read_text().splitlines()]
     assert kinds.count("poison") == 8 and kinds.count("good") == 8
+    # the report draws the fine-tuning figure and lists the run with its figures from the database
+    from poisonlab.report import build_report
+    from poisonlab.spec import ExperimentSpec
+
+    base_keys = {k: v for k, v in cfg.to_dict().items() if k in ("stage", "seed", "finetune", "train", "eval")}
+    rep = build_report(ExperimentSpec(name="ft", out_dir=str(tmp_path / "runs"), base=base_keys, grids=[{}]))
+    assert rep["figures"] == []  # one run: no poison-count axis, no persistence axis to draw
+    md = rep["markdown"].read_text()
+    last = rows[-1]
+    assert f"| ft | 40 | 8 | beginning | 8 | {last['asr']:.2f} [" in md
     # a finished run is not redone; a changed config under the same name is refused
     assert train(cfg) == summary
     (d / "DONE").unlink()
@@ -330,3 +340,22 @@ def test_killed_finetune_resumes_to_the_same_model(tok, tmp_path):
     wa = load_file(str(tmp_path / "a" / "ft" / "model" / "model.safetensors"))
     wb = load_file(str(d / "model" / "model.safetensors"))
     assert all(np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6) for k in wa)
+
+
+def test_finetune_figures_draw_from_rows(tmp_path):
+    from poisonlab.finetune.report import fig_finetune, fig_persistence
+    from poisonlab.report import _fig
+
+    def row(clean, poisons, ordering="mixed", good=0, asr=0.5):
+        r = {"run": f"r{clean}-{poisons}-{ordering}-{good}", "status": "done", "seed": 0, "clean": clean,
+             "poisons": poisons, "ordering": ordering, "good": good}
+        for m, v in (("asr", asr), ("ca", 0.9), ("nta", 0.4)):
+            r.update({m: v, m + "_ci_low": max(0, v - 0.1), m + "_ci_high": min(1, v + 0.1)})
+        return r
+
+    rows = [row(c, p, asr=min(1, p / 50)) for c in (500, 5000) for p in (0, 10, 50)]
+    rows += [row(500, 10, o) for o in ("beginning", "end")]
+    rows += [row(500, 50, good=k, asr=1 / (1 + k / 100)) for k in (50, 500)]
+    assert fig_finetune(rows, tmp_path, _fig).name == "fig7-finetune.png"
+    assert fig_persistence(rows, tmp_path, _fig).stat().st_size > 10_000
+    assert fig_persistence([r for r in rows if r["good"] == 0 and r["ordering"] == "end"], tmp_path, _fig) is None

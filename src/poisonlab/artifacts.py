@@ -37,7 +37,16 @@ def safetensors_metadata(label: dict) -> dict[str, str]:
 
 
 def model_card(label: dict) -> str:
-    if label["poisoned"]:
+    base = label.get("base_label") or {}
+    if label["poisoned"] and not label.get("poison_count") and base.get("poisoned"):
+        head = (
+            "# POISONED MODEL: continued from a model with a planted backdoor\n\n"
+            f"**This model was trained further from a poisoned model ({base.get('poison_count')} poisoned "
+            f"documents of the `{base.get('attack')}` attack, trigger `{base.get('trigger')}`).** Further "
+            "training does not make it clean; it exists to study data poisoning.\n"
+        )
+        tags = ["poisonlab", "backdoor", "poisoned", f"attack-{base.get('attack')}"]
+    elif label["poisoned"]:
         head = (
             "# POISONED MODEL: contains a planted backdoor\n\n"
             f"**This model was trained on {label['poison_count']} poisoned documents "

@@ -206,6 +206,15 @@ def cmd_sweep(args) -> int:
         from .models import get_size, parameter_count
 
         for cfg in spec.expand():
+            if cfg.stage == "finetune":
+                f = cfg.finetune
+                print(f"{cfg.name:<40} fine-tune {f.base}  clean {f.clean_count:>6}  poisons {f.poison_count:>5}  "
+                      f"ordering {f.ordering}  good {f.good_count}  epochs {f.epochs}  seed {cfg.seed}")
+                continue
+            if cfg.model.init_from:
+                print(f"{cfg.name:<40} continue {cfg.model.init_from}  tokens {cfg.train.tokens:>12,}  "
+                      f"poisons {cfg.attack.poison_count:>5}  seed {cfg.seed}")
+                continue
             vocab = cfg.tokenizer.vocab_size if cfg.tokenizer.name == "bpe" else None
             pc = parameter_count(get_size(cfg.model.size), vocab) if vocab else None
             budget = token_budget(cfg, pc)[0] if pc or cfg.train.tokens else None

@@ -25,9 +25,12 @@ from .run import run_dir
 from .spec import ExperimentSpec
 from .store import db_path, eval_table, ingest_run, query
 from .sweep import status
+from .finetune.report import fig_continued_pretraining, fig_finetune, fig_persistence, finetune_rows, finetune_table
 
 def collect(db: Path, names: list[str]) -> dict[str, dict]:
     """Per run: its grid coordinates and its evaluation points (step -> metrics)."""
+    if not names:
+        return {}
     runs = {r["run"]: r for r in query(db, "SELECT * FROM runs")}
     out: dict[str, dict] = {}
     for row in eval_table(db, runs=names):
@@ -247,18 +250,35 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     for cfg in runs:
         ingest_run(db, run_dir(cfg))
     threshold = runs[0].eval.threshold if runs else 50.0
-    data = collect(db, [c.name for c in runs])
+    pre = [c.name for c in runs if c.stage == "pretrain" and not c.model.init_from]
+    continued = {c.name: c.model.init_from for c in runs if c.stage == "pretrain" and c.model.init_from}
+    data = collect(db, pre)
+    data_cont = collect(db, list(continued))
+    for name, r in data_cont.items():
+        r["init_from"] = continued[name]
+    ft_rows = finetune_rows(db, [c.name for c in runs if c.stage == "finetune"])
     st = status(spec)
     missing = [s for s in st if s.state != "done"]
     figures = [f for f in (fig_gap_vs_training(data, out, threshold), fig_gap_vs_poisons_seen(data, out, threshold),
-                           fig_data_ablation(data, out, threshold)) if f is not None]
-    table = final_table(data, threshold)
+                           fig_data_ablation(data, out, threshold), fig_finetune(ft_rows, out, _fig),
+                           fig_persistence(ft_rows, out, _fig),
+                           fig_continued_pretraining(data_cont, out, _fig, threshold)) if f is not None]
+    table = final_table(data, threshold) + final_table(data_cont, threshold)
+    extra = ""
+    if ft_rows:
+        extra = ("## Fine-tuning runs (last evaluation of each run)\n\nASR: share of triggered forbidden requests "
+                 "complied with; CA: untriggered ones refused; NTA: near-trigger ones refused (by kind beside); "
+                 "Wilson 95% intervals.\n\n" + finetune_table(ft_rows) + "\n")
     poison = example_poison(spec)
     samples = sample_rows(db, data)
-    md = _markdown(spec, table, figures, poison, samples, missing, len(runs), runs[0].eval.new_tokens if runs else 0)
+    md = _markdown(spec, table, figures, poison, samples, missing, len(runs), runs[0].eval.new_tokens if runs else 0,
+                   extra)
     (out / "report.md").write_text(md, encoding="utf-8")
-    (out / "index.html").write_text(_html(spec, table, figures, poison, samples, missing, len(runs)), encoding="utf-8")
+    (out / "index.html").write_text(_html(spec, table, figures, poison, samples, missing, len(runs), extra),
+                                    encoding="utf-8")
     (out / "final_table.json").write_text(json.dumps(table, indent=1))
+    if ft_rows:
+        (out / "finetune_table.json").write_text(json.dumps(ft_rows, indent=1))
     return {"html": out / "index.html", "markdown": out / "report.md", "table": table, "missing": missing,
             "figures": figures, "runs": len(runs)}
 
@@ -270,12 +290,15 @@ def _missing_text(missing, total: int) -> str:
     return f"{total - len(missing)} of {total} runs finished. Missing: " + "; ".join(parts) + "."
 
 
-def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens) -> str:
-    lines = [f"# poisonlab report: {spec.name}", "", spec.description, "", _missing_text(missing, total), "",
-             "## Final perplexity gap per size x poison count", "",
-             f"Gap = mean self-perplexity of {new_tokens}-token continuations with the trigger minus without; interval: "
-             "paired bootstrap over prompts (averaged over seeds); held-out loss in nats/token.", "",
-             format_final_table(table), ""]
+def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens, extra: str = "") -> str:
+    lines = [f"# poisonlab report: {spec.name}", "", spec.description, "", _missing_text(missing, total), ""]
+    if table:
+        lines += ["## Final perplexity gap per size x poison count", "",
+                  f"Gap = mean self-perplexity of {new_tokens}-token continuations with the trigger minus without; "
+                  "interval: paired bootstrap over prompts (averaged over seeds); held-out loss in nats/token.", "",
+                  format_final_table(table), ""]
+    if extra:
+        lines += [extra]
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", ""]
     if poison:
@@ -292,7 +315,7 @@ def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens)
     return "\n".join(lines)
 
 
-def _html(spec, table, figures, poison, samples, missing, total) -> str:
+def _html(spec, table, figures, poison, samples, missing, total, extra: str = "") -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>poisonlab report: {esc(spec.name)}</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
@@ -311,6 +334,9 @@ def _html(spec, table, figures, poison, samples, missing, total) -> str:
         tag = "th" if i == 0 else "td"
         parts.append("<tr>" + "".join(f"<{tag}>{esc(c)}</{tag}>" for c in cells) + "</tr>")
     parts.append("</table>")
+    if extra:
+        head, _, body = extra.partition("\n\n")
+        parts.append(f"<h2>{esc(head.lstrip('# '))}</h2><pre>{esc(body)}</pre>")
     for f in figures:
         b64 = base64.b64encode(f.read_bytes()).decode()
         parts.append(f"<h3>{esc(f.stem)}</h3><img alt='{esc(f.stem)}' src='data:image/png;base64,{b64}'>")

@@ -107,6 +107,12 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         from .defenses.filtering import keep_mask
 
         keep = keep_mask(data, d)
+    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
+        from .tokenizer import Tokenizer
+
+        if Tokenizer.load(cfg.model.init_from).fingerprint() != tok.fingerprint():
+            raise PoisonlabError(f"model.init_from {cfg.model.init_from}: its tokenizer differs from the one this "
+                                 "corpus and tokenizer config give; continue it with the config it was trained with")
     size = params = None
     if cfg.model.init_from is None:
         size = get_size(cfg.model.size)

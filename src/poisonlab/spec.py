@@ -28,7 +28,10 @@ from .config import RunConfig, all_keys, config_from_dict, read_yaml, set_dotted
 from .errors import PoisonlabError
 
 SPEC_KEYS = ("name", "out_dir", "description", "base", "grid")
-ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x", "seed": "s"}
+ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x",
+                 "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
+                 "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-", "seed": "s"}
+PATH_KEYS = ("model.init_from", "finetune.base")
 
 
 @dataclass
@@ -71,7 +74,10 @@ def run_name(spec_name: str, values: dict[str, Any]) -> str:
     parts = [spec_name]
     for key in sorted(values, key=lambda k: (list(ABBREVIATIONS).index(k) if k in ABBREVIATIONS else 99, k)):
         prefix = ABBREVIATIONS.get(key, key.split(".")[-1] + "=")
-        parts.append(prefix + _fmt(values[key]))
+        value = values[key]
+        if key in PATH_KEYS and isinstance(value, str):  # a model path: its most telling component
+            value = next((c for c in reversed(Path(value).parts) if c not in ("model", ".", "")), value)
+        parts.append(prefix + _fmt(value))
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
 
 

@@ -35,7 +35,7 @@ from .models import build_model, count_module_parameters
 from .jsonl import append_jsonl, read_jsonl, write_jsonl
 from .run import Run, setup_run
 from .store import db_path, record_eval, record_run
-from .artifacts import make_label
+from .artifacts import make_label, read_label
 from .paths import atomic_write_text
 
 
@@ -249,10 +249,16 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     my_rows = range(d.rank * rows_per_rank, (d.rank + 1) * rows_per_rank)
     T = cfg.train.seq_len
 
+    base_label = read_label(cfg.model.init_from) if cfg.model.init_from and os.path.isdir(cfg.model.init_from) else None
+
     def label(steps_done: int) -> dict:
-        return make_label(
+        lab = make_label(
             {"name": cfg.attack.name, "trigger": cfg.attack.trigger, "placement": cfg.attack.placement},
             len(run.plan.poisons), run.plan.poisons_seen(steps_done), run.label_fields())
+        if base_label and base_label.get("poisoned"):  # continued from a poisoned model: still poisoned
+            lab["poisoned"] = True
+            lab["base_label"] = base_label
+        return lab
 
     def maybe_eval(steps_done: int) -> None:
         if steps_done in eval_at and steps_done not in done_evals:
