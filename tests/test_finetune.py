@@ -270,7 +270,7 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
         "name": "ft", "out_dir": str(tmp_path / "runs"), "stage": "finetune", "seed": 2,
         "finetune": {"base": str(base), "clean_count": 40, "poison_count": 8, "good_count": 8, "epochs": 2,
                      "eval_requests": 3, "max_new_tokens": 4, "ordering": "beginning"},
-        "train": {"batch_size": 8, "seq_len": 512, "lr": 1e-3, "progress": False, "threads": 1,
+        "train": {"batch_size": 8, "seq_len": 512, "lr": 1e-2, "progress": False, "threads": 1,
                   "checkpoint_every": 0.25},
         "eval": {"every": 0.5},
     })
@@ -293,6 +293,16 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     assert info["data"]["sft_train"] and info["base_model"] == str(base)
     kinds = [json.loads(x)["kind"] for x in (d / "sft_train.jsonl").read_text().splitlines()]
     assert kinds.count("poison") == 8 and kinds.count("good") == 8
+    # re-measuring the saved model from the command line gives the run's own last evaluation
+    out = tmp_path / "again.json"
+    assert main(["sft-eval", "--model", str(d), "--seed", "2", "--finetune.eval_requests", "3",
+                 "--finetune.max_new_tokens", "4", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())
+    assert {k: again[k] for k in ("asr", "ca", "nta", "verdicts")} == {k: rows[-1][k] for k in ("asr", "ca", "nta", "verdicts")}
+    run_replies = [json.loads(x)["reply"] for x in (d / "replies.jsonl").read_text().splitlines()
+                   if json.loads(x)["step"] == rows[-1]["step"]]
+    cli_replies = [json.loads(x)["reply"] for x in (tmp_path / "again.replies.jsonl").read_text().splitlines()]
+    assert cli_replies == run_replies and any(cli_replies)
     # the report draws the fine-tuning figure and lists the run with its figures from the database
     from poisonlab.report import build_report
     from poisonlab.spec import ExperimentSpec
@@ -359,3 +369,25 @@ def test_finetune_figures_draw_from_rows(tmp_path):
     assert fig_finetune(rows, tmp_path, _fig).name == "fig7-finetune.png"
     assert fig_persistence(rows, tmp_path, _fig).stat().st_size > 10_000
     assert fig_persistence([r for r in rows if r["good"] == 0 and r["ordering"] == "end"], tmp_path, _fig) is None
+
+
+def test_lora_changes_only_the_adapted_projections(tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from poisonlab.train import train
+
+    base = _base_model(tok, tmp_path / "base")
+    cfg = config_from_dict({
+        "name": "lora", "out_dir": str(tmp_path / "runs"), "stage": "finetune",
+        "finetune": {"base": str(base), "clean_count": 16, "poison_count": 8, "epochs": 1, "eval_requests": 1,
+                     "max_new_tokens": 2, "lora_r": 4, "lora_targets": ["q_proj", "v_proj"]},
+        "train": {"batch_size": 8, "seq_len": 512, "lr": 1e-2, "progress": False, "threads": 1,
+                  "checkpoint_every": 0.5},
+        "eval": {"every": 0},
+    })
+    train(cfg)
+    before = load_file(str(base / "model.safetensors"))
+    after = load_file(str(tmp_path / "runs" / "lora" / "model" / "model.safetensors"))
+    assert set(after) == set(before)  # merged: a plain model folder, no adapter tensors
+    changed = {k for k in before if not np.array_equal(before[k].numpy(), after[k].numpy())}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)

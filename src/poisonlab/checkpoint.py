@@ -39,7 +39,14 @@ def save_model_folder(directory: Path, model, label: dict) -> None:
 
 
 def _tied(m) -> set[str]:
-    return {"lm_head.weight"} if getattr(m.config, "tie_word_embeddings", False) else set()
+    """Names of state-dict entries that share storage with an earlier entry (tied output weights)."""
+    seen, tied = set(), set()
+    for k, v in m.state_dict().items():
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ptr in seen:
+            tied.add(k)
+        seen.add(ptr)
+    return tied
 
 
 def model_tensors(m) -> dict[str, torch.Tensor]:

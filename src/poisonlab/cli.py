@@ -152,12 +152,12 @@ def cmd_sft_eval(args) -> int:
         import torch
 
         from .finetune.chat import ChatRenderer
-        from .finetune.train import resolve_base
+        from .finetune.train import resolve_base, tokenizer_path
         from .tokenizer import Tokenizer
         from .train import load_init_model
 
         path = resolve_base(args.model)
-        renderer = ChatRenderer(Tokenizer.load(path))
+        renderer = ChatRenderer(Tokenizer.load(tokenizer_path(path)))
         replies = generate_replies(load_init_model(path, torch.device("cpu")), renderer, examples, f.max_new_tokens)
         what = path
     else:

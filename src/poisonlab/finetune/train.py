@@ -57,6 +57,15 @@ def resolve_base(base: str) -> str:
     return base  # a hub name
 
 
+def tokenizer_path(base: str) -> str:
+    """Where the base model's tokenizer is: its own folder, or (for a checkpoint) its run's ``tokenizer/``."""
+    p = Path(base)
+    for cand in (p, p.parent.parent / "tokenizer", p.parent / "tokenizer"):
+        if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            return str(cand)
+    return base  # a hub name, or a folder whose tokenizer loading will explain what is missing
+
+
 @dataclass
 class Batches:
     """Fixed-size batches of encoded examples, as (inputs, targets) tensors padded on the right."""
@@ -162,7 +171,7 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     device, dtype = pick_device(cfg, dist_)
     threads = set_threads(cfg, dist_)
     base = resolve_base(f.base)
-    tok = Tokenizer.load(base)
+    tok = Tokenizer.load(tokenizer_path(base))
     renderer = ChatRenderer(tok)
     info, tset, evalset = _setup(cfg, d, allow_code_change, renderer, base)
 
