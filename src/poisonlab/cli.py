@@ -105,22 +105,16 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     from .train import train
 
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    overrides["stage"] = "finetune"
-    summary = train(load_config(args.config, overrides), allow_code_change=args.allow_code_change)
+    setattr(args, "cfg:stage", "finetune")  # the verb implies the stage
+    summary = train(_config(args), allow_code_change=args.allow_code_change)
     print(json.dumps(summary, indent=1))
     return 0
-
-
-def _sft_config(args):
-    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    return load_config(args.config, overrides)
 
 
 def cmd_sft_export(args) -> int:
     from .finetune.dataset import build_training_set, export_openai
 
-    cfg = _sft_config(args)
+    cfg = _config(args)
     f = cfg.finetune
     tset = build_training_set(f, cfg.seed)
     examples = tset.order(0, cfg.seed, f.ordering) + tset.good_order(0, cfg.seed)
@@ -138,7 +132,7 @@ def cmd_sft_eval(args) -> int:
     from .finetune.evaluate import endpoint_replies, generate_replies, judge_replies, summarise
     from .finetune.judges import make_judge
 
-    cfg = _sft_config(args)
+    cfg = _config(args)
     f = cfg.finetune
     examples = build_eval_set(f, cfg.seed)
     if args.endpoint:

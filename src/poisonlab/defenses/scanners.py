@@ -60,27 +60,53 @@ class GibberishScanner:
     name = "gibberish"
 
     def __init__(self, tokenizer: Tokenizer, stats: TokenStatistics | None = None, window: int = 64,
-                 leave_out: bool = True):
+                 leave_out: bool = True, cache_tokens: int = 50_000_000):
         """``stats``: statistics fitted beforehand (by default :meth:`fit` fits them on the scanned
         corpus). ``leave_out``: the statistics include the scanned documents, so each is scored
-        with its own counts taken out; set False for statistics of a separate reference corpus."""
+        with its own counts taken out; set False for statistics of a separate reference corpus.
+        ``cache_tokens``: up to this many tokens encoded while fitting are kept for scoring, so
+        a corpus of that size is tokenized once (tokenizing is most of the scanner's cost)."""
         self.tokenizer = tokenizer
         self.stats = stats
         self.window = window
         self.leave_out = leave_out
+        self.cache_tokens = cache_tokens
+        self._cache: dict[str, tuple] = {}
 
     def _encode(self, docs: list[Document]):
+        out: list = [None] * len(docs)
+        todo = []
+        for i, d in enumerate(docs):
+            hit = self._cache.pop(d.id, None)
+            if hit is not None and hit[2] == len(d.text):
+                out[i] = hit[:2]
+            else:
+                todo.append(i)
         fast = self.tokenizer._fast
         if fast is not None:
-            encs = fast.encode_batch([d.text for d in docs], add_special_tokens=False)
-            return [(np.asarray(e.ids, dtype=np.int64), e.offsets) for e in encs]
-        return [(np.asarray(self.tokenizer.encode(d.text), dtype=np.int64), None) for d in docs]
+            encs = fast.encode_batch([docs[i].text for i in todo], add_special_tokens=False)
+            for i, e in zip(todo, encs):
+                out[i] = (np.asarray(e.ids, dtype=np.int64), e.offsets)
+        else:
+            for i in todo:
+                out[i] = (np.asarray(self.tokenizer.encode(docs[i].text), dtype=np.int64), None)
+        return out
 
     def fit(self, docs: list[Document], batch: int = 512) -> None:
         if self.stats is not None:
             return
-        lists = (ids for i in range(0, len(docs), batch) for ids, _ in self._encode(docs[i : i + batch]))
-        self.stats = TokenStatistics.fit(lists, self.tokenizer.vocab_size)
+        budget = [self.cache_tokens]
+
+        def lists():
+            for i in range(0, len(docs), batch):
+                part = docs[i : i + batch]
+                for d, (ids, offsets) in zip(part, self._encode(part)):
+                    if budget[0] >= len(ids):
+                        budget[0] -= len(ids)
+                        self._cache[d.id] = (ids, offsets, len(d.text))
+                    yield ids
+
+        self.stats = TokenStatistics.fit(lists(), self.tokenizer.vocab_size)
 
     def score(self, docs: list[Document]) -> list[dict]:
         assert self.stats is not None, "fit the scanner (or give it statistics) first"
