@@ -40,7 +40,7 @@ from ..tokenizer import Tokenizer
 from ..train import (IGNORE, Dist, _to_db, load_init_model, lr_at, make_optimizer, pick_device, schedule_points,
                      set_threads, train_step)
 from .chat import ChatRenderer
-from .dataset import Example, TrainingSet, build_eval_set, build_training_set
+from .dataset import Example, build_eval_set, build_training_set
 from .evaluate import generate_replies, judge_replies, summarise
 from .judges import make_judge
 
