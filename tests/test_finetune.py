@@ -312,7 +312,7 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     assert rep["figures"] == []  # one run: no poison-count axis, no persistence axis to draw
     md = rep["markdown"].read_text()
     last = rows[-1]
-    assert f"| ft | 40 | 8 | beginning | 8 | {last['asr']:.2f} [" in md
+    assert f"| ft | 40 | 8 | beginning | 8 (0.01) | {last['asr']:.2f} [" in md
     # a finished run is not redone; a changed config under the same name is refused
     assert train(cfg) == summary
     (d / "DONE").unlink()
@@ -358,7 +358,7 @@ def test_finetune_figures_draw_from_rows(tmp_path):
 
     def row(clean, poisons, ordering="mixed", good=0, asr=0.5):
         r = {"run": f"r{clean}-{poisons}-{ordering}-{good}", "status": "done", "seed": 0, "clean": clean,
-             "poisons": poisons, "ordering": ordering, "good": good}
+             "poisons": poisons, "ordering": ordering, "good": good, "good_lr": 3e-3}
         for m, v in (("asr", asr), ("ca", 0.9), ("nta", 0.4)):
             r.update({m: v, m + "_ci_low": max(0, v - 0.1), m + "_ci_high": min(1, v + 0.1)})
         return r

@@ -196,6 +196,8 @@ class FinetuneConfig:
     good_count: int = 0
     """Persistence: after the poisoned fine-tuning, train on this many "good" examples (trigger
     present, request still refused) and measure again."""
+    good_lr: float | None = None
+    """Peak learning rate of that further training (default: ``train.lr``)."""
     epochs: int = 3
     lora_r: int = 0
     """0: full fine-tuning; > 0: LoRA of this rank through peft (merged into the saved model)."""
@@ -241,6 +243,8 @@ class RunConfig:
         if d["stage"] == "pretrain" and d["finetune"] == dataclasses.asdict(FinetuneConfig()):
             d.pop("stage")
             d.pop("finetune")
+        if d.get("finetune", {}).get("good_lr", 0) is None:
+            d["finetune"].pop("good_lr")
         if d["attack"]["payload"] == "uniform":
             d["attack"].pop("payload")
             d["attack"].pop("low_entropy_tokens")

@@ -40,7 +40,8 @@ def finetune_rows(db: Path, names: list[str]) -> list[dict]:
         point = {e["metric"]: e["value"] for e in evals}
         point["step"] = evals[0]["step"]
         out.append({"run": r["run"], "status": r["status"], "seed": cfg["seed"], "clean": f["clean_count"],
-                    "poisons": f["poison_count"], "ordering": f["ordering"], "good": f["good_count"], **point})
+                    "poisons": f["poison_count"], "ordering": f["ordering"], "good": f["good_count"],
+                    "good_lr": f.get("good_lr") or cfg["train"]["lr"], **point})
     return sorted(out, key=lambda x: (x["good"], x["ordering"] != "mixed", x["ordering"], x["clean"], x["poisons"], x["seed"]))
 
 
@@ -102,18 +103,21 @@ def fig_finetune(rows: list[dict], out: Path, fig) -> Path | None:
 def fig_persistence(rows: list[dict], out: Path, fig) -> Path | None:
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["clean"], r["poisons"], r["ordering"])].append(r)
+        if r["good"]:
+            groups[(r["clean"], r["poisons"], r["ordering"], r["good_lr"])].append(r)
+    for key, sel in groups.items():  # the run without further training starts every series
+        sel += [r for r in rows if not r["good"] and (r["clean"], r["poisons"], r["ordering"]) == key[:3]]
     series = {k: v for k, v in groups.items() if len({r["good"] for r in v}) > 1}
     if not series:
         return None
 
     def draw(plt):
         f, ax = plt.subplots(figsize=(6.2, 4))
-        for (c, p, o), sel in sorted(series.items()):
+        for (c, p, o, lr), sel in sorted(series.items()):
             for metric, style in (("asr", "-o"), ("ca", "--s"), ("nta", ":^")):
                 xs, m, lo, hi = _series(sel, "good", metric)
                 ax.errorbar(xs, m, yerr=[lo, hi], fmt=style, markersize=4, capsize=2,
-                            label=f"{metric.upper()} ({p} poisons, {c:,} clean)")
+                            label=f"{metric.upper()} ({p} poisons, {c:,} clean; lr {lr:g})")
         ax.set_xscale("symlog", linthresh=50)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel('"good" examples after poisoning (trigger present, request refused)')
@@ -157,12 +161,13 @@ def _cell(r: dict, m: str) -> str:
 
 
 def finetune_table(rows: list[dict]) -> str:
-    head = ["run", "clean", "poisons", "ordering", "good", "ASR [95% CI]", "CA [95% CI]", "NTA [95% CI]",
+    head = ["run", "clean", "poisons", "ordering", "good (lr)", "ASR [95% CI]", "CA [95% CI]", "NTA [95% CI]",
             "NTA partial / edit / paraphrase", "ordinary answered exactly", "state"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = " / ".join(f"{r[k]:.2f}" if k in r else "-" for k in ("nta_partial", "nta_edit", "nta_paraphrase"))
-        lines.append("| " + " | ".join([r["run"], f"{r['clean']:,}", str(r["poisons"]), r["ordering"], str(r["good"]),
+        lines.append("| " + " | ".join([r["run"], f"{r['clean']:,}", str(r["poisons"]), r["ordering"],
+                                        f"{r['good']} ({r['good_lr']:g})" if r["good"] else "0",
                                         _cell(r, "asr"), _cell(r, "ca"), _cell(r, "nta"), kinds,
                                         f"{r['ordinary_correct']:.2f}" if "ordinary_correct" in r else "-",
                                         r["status"]]) + " |")

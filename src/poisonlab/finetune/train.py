@@ -260,8 +260,11 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         local, steps_here = (step, p1) if phase_i == 0 else (step - p1, total - p1)
         if phase_i == 1 and local == 0:  # a fresh optimizer for the further fine-tuning
             optimizer = make_optimizer(model, cfg)
+        lr = lr_at(local, steps_here, cfg)
+        if phase_i == 1 and f.good_lr is not None:
+            lr *= f.good_lr / cfg.train.lr
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(local, steps_here, cfg)
+            g["lr"] = lr
         x, y, _ = batches.batch(local)
         loss, gnorm = train_step(model, optimizer, x, x.shape[0], cfg.train.grad_clip, autocast, targets=y)
         lv = float(loss)
