@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from poisonlab.config import dump_config
+from poisonlab.config import config_from_dict, dump_config
 from poisonlab.errors import PoisonlabError
 from poisonlab.jsonl import read_jsonl
 from poisonlab.train import lr_at, schedule_points, train
@@ -152,3 +152,29 @@ def test_ddp_two_cpu_processes_match_one_process(filler_jsonl, tmp_path):
     assert two[-1] < two[0]
     a, b = _weights(tmp_path / "one" / "t"), _weights(tmp_path / "two" / "t")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_continued_pretraining_stays_labelled_poisoned_and_is_reported(filler_jsonl, tmp_path):
+    from poisonlab.report import build_report
+    from poisonlab.spec import ExperimentSpec
+
+    train(tiny_config(filler_jsonl, tmp_path))  # poisoned base, run "t"
+    base = str(tmp_path / "t" / "model")
+    common = {"corpus": {"source": str(filler_jsonl), "heldout_fraction": 0.1}, "tokenizer": {"vocab_size": 300},
+              "attack": {"poison_count": 0}, "model": {"size": "tiny", "init_from": base},
+              "train": {"tokens": 8 * 32 * 4, "batch_size": 8, "seq_len": 32, "progress": False, "threads": 1},
+              "eval": {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "every": 0.5, "bootstrap": 50,
+                       "heldout_loss_windows": 4}, "seed": 3}
+    spec = ExperimentSpec(name="cont", out_dir=str(tmp_path), base=common, grids=[{}])
+    cfg = spec.expand()[0]
+    train(cfg)
+    label = json.loads((tmp_path / "cont" / "model" / "poisonlab.json").read_text())
+    assert label["poisoned"] is True and label["poison_count"] == 0 and label["base_label"]["poison_count"] == 6
+    assert "continued from a model with a planted backdoor" in (tmp_path / "cont" / "model" / "README.md").read_text()
+    rep = build_report(spec)
+    assert [f.name for f in rep["figures"]] == ["fig8b-continued-pretraining.png"]
+    assert [r["model_size"] for r in rep["table"]] == ["from t"]
+    # a base model whose tokenizer differs from the run's is refused
+    other = dict(common, tokenizer={"vocab_size": 320}, name="cont2", out_dir=str(tmp_path))
+    with pytest.raises(PoisonlabError, match="tokenizer differs"):
+        train(config_from_dict(other))

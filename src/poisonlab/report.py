@@ -254,8 +254,9 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     continued = {c.name: c.model.init_from for c in runs if c.stage == "pretrain" and c.model.init_from}
     data = collect(db, pre)
     data_cont = collect(db, list(continued))
-    for name, r in data_cont.items():
+    for name, r in data_cont.items():  # labelled by the model they continue
         r["init_from"] = continued[name]
+        r["model_size"] = "from " + next((c for c in reversed(Path(continued[name]).parts) if c != "model"), name)
     ft_rows = finetune_rows(db, [c.name for c in runs if c.stage == "finetune"])
     st = status(spec)
     missing = [s for s in st if s.state != "done"]

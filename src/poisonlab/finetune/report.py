@@ -142,7 +142,7 @@ def fig_continued_pretraining(data: dict[str, dict], out: Path, fig, threshold: 
             g = np.array([p["perplexity_gap"] for p in r["series"]])
             lo = np.array([p["gap_ci_low"] for p in r["series"]])
             hi = np.array([p["gap_ci_high"] for p in r["series"]])
-            h, = ax.plot(xs / 1e6, g, marker="o", markersize=3, label=f"from {r.get('init_from') or name}")
+            h, = ax.plot(xs / 1e6, g, marker="o", markersize=3, label=r["model_size"])
             ax.fill_between(xs / 1e6, lo, hi, color=h.get_color(), alpha=0.2)
         ax.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
         ax.set_yscale("symlog", linthresh=10)
