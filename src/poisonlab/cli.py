@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def spec_args(s, required=True):
         s.add_argument("spec", nargs=None if required else "?", default=None,
-                       help="experiment spec: a YAML file or a packaged name (demo, cpu-headline, paper-headline)")
+                       help="experiment spec: a YAML file or a packaged name (demo, cpu-headline, paper-headline, sft-cpu, sft-persistence, continued-pretraining)")
         s.add_argument("--out-dir", help="override the spec's out_dir")
 
     s = sub.add_parser("sweep", help="run an experiment spec (skips finished runs, resumes unfinished ones)")

@@ -119,7 +119,7 @@ def load_spec(path: str | Path, out_dir: str | None = None) -> ExperimentSpec:
 
 
 def packaged_spec(name: str) -> Path:
-    """Path of a ready spec shipped with poisonlab (``demo``, ``cpu-headline``, ``paper-headline``)."""
+    """Path of a ready spec shipped with poisonlab (``demo``, ``cpu-headline``, ``paper-headline``, ``sft-cpu``, ...)."""
     from importlib import resources
 
     p = Path(str(resources.files("poisonlab") / "configs" / f"{name}.yaml"))
