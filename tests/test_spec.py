@@ -72,3 +72,19 @@ def test_cpu_specs_expand_and_fit_a_cpu(name):
         a = r.attack
         mean_poison = sum(a.prefix_chars) / 2 / 3 + 1.2 * sum(a.gibberish_tokens) / 2
         assert 1.25 * a.poison_count * mean_poison < budget, r.name
+
+
+def test_finetuning_and_persistence_specs_expand_to_their_grids():
+    sft = load_spec(packaged_spec("sft-cpu")).expand()
+    assert all(r.stage == "finetune" and r.finetune.base == "runs/demo/demo-p0" for r in sft)
+    mixed = [(r.finetune.clean_count, r.finetune.poison_count) for r in sft if r.finetune.ordering == "mixed"]
+    assert sorted(mixed) == sorted((c, p) for c in (500, 5000) for p in (0, 5, 10, 25, 50, 100))
+    assert {r.finetune.ordering for r in sft} == {"mixed", "beginning", "end"}
+    assert "sft-cpu-c500-p10-end" in {r.name for r in sft}
+    pers = load_spec(packaged_spec("sft-persistence")).expand()
+    assert sorted(r.finetune.good_count for r in pers if r.finetune.good_lr is None) == [0, 5, 10, 25, 50, 100, 250,
+                                                                                          500, 1000, 2000]
+    assert len({r.config_hash() for r in pers}) == len(pers) == 17
+    cont = load_spec(packaged_spec("continued-pretraining")).expand()
+    assert [r.name for r in cont] == ["continued-pretraining-from-demo-p1000", "continued-pretraining-from-demo-p0"]
+    assert all(r.attack.poison_count == 0 and r.eval.at_start for r in cont)
