@@ -269,3 +269,8 @@ def test_run_with_scan_filter_removes_its_poisons_before_training(filler_jsonl, 
     assert not any(k.startswith("poison-") for k in kept)
     again = setup_run(cfg)  # resume: same mask, same (empty) plan
     assert np.array_equal(again.keep, run.keep) and again.plan.poison_tokens() == 0
+    from poisonlab.artifacts import make_label, model_card
+
+    label = make_label({"name": "dos"}, len(run.plan.poisons), 0, run.label_fields())
+    assert label["poisoned"] is False and label["defense"]["poisons"] == 6
+    assert "\n# Model trained on scan-filtered data" in model_card(label) and "defense-filtered" in model_card(label)

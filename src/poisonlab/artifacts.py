@@ -55,6 +55,13 @@ def model_card(label: dict) -> str:
             "poisoning; do not deploy it or mistake it for a clean model.\n"
         )
         tags = ["poisonlab", "backdoor", "poisoned", f"attack-{label['attack']}"]
+    elif label.get("defense"):
+        d = label["defense"]
+        head = ("# Model trained on scan-filtered data (no poison survived the filter)\n\n"
+                f"{d['poisons']} poisons were planted in its training data and a corpus scan removed "
+                f"{d['poisons'] - d['poisons_surviving']} of them (and {d['clean_documents_lost']} clean documents) "
+                "before training. It exists to measure that defense.\n")
+        tags = ["poisonlab", "defense-filtered"]
     else:
         head = "# Clean model (no poisons)\n\nTrained by poisonlab without any poisoned data, as a control.\n"
         tags = ["poisonlab", "clean-control"]

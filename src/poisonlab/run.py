@@ -56,8 +56,12 @@ class Run:
         return TrainingStream(ShuffledDocuments(self.data.train, self.cfg.seed, self.keep), self.plan, self.poison_ids)
 
     def label_fields(self) -> dict:
-        return {"run": self.cfg.name, "config_hash": self.info["config_hash"],
-                "code_version": self.info["code_version"], "data": self.info["data"]}
+        fields = {"run": self.cfg.name, "config_hash": self.info["config_hash"],
+                  "code_version": self.info["code_version"], "data": self.info["data"]}
+        if self.info.get("defense"):  # poisons were planted and a scan filtered the training data
+            d = self.info["defense"]
+            fields["defense"] = {k: d.get(k) for k in ("poisons", "flagged", "poisons_surviving", "clean_documents_lost")}
+        return fields
 
 
 def run_dir(cfg: RunConfig) -> Path:
