@@ -268,7 +268,8 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     base = _base_model(tok, tmp_path / "base")
     cfg = config_from_dict({
         "name": "ft", "out_dir": str(tmp_path / "runs"), "stage": "finetune", "seed": 2,
-        "finetune": {"base": str(base), "clean_count": 40, "poison_count": 8, "good_count": 8, "epochs": 2,
+        "finetune": {"base": str(base), "clean_count": 40, "poison_count": 8, "good_count": 8, "further_clean": 8,
+                     "epochs": 2,
                      "eval_requests": 3, "max_new_tokens": 4, "ordering": "beginning"},
         "train": {"batch_size": 8, "seq_len": 512, "lr": 1e-2, "progress": False, "threads": 1,
                   "checkpoint_every": 0.25},
@@ -281,9 +282,9 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows]
     p1 = 2 * 48 // 8
-    assert steps == [0, p1 // 2, p1, p1 + 2]
+    assert steps == [0, p1 // 2, p1, p1 + 4]  # phase 2: (8 good + 8 clean) x 2 epochs / 8
     assert [r["poisons_seen"] for r in rows] == [0, 8, 16, 16]  # beginning: all 8 poisons in each epoch's first batch
-    assert rows[-1]["phase"] == "good" and rows[-1]["good_seen"] == 16
+    assert rows[-1]["phase"] == "further" and rows[-1]["good_seen"] == 16
     for r in rows:
         assert 0.0 <= r["asr"] <= 1.0 and r["asr_n"] == 3 and r["ca_n"] == 3
     label = json.loads((d / "model" / "poisonlab.json").read_text())
@@ -292,7 +293,7 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     info = json.loads((d / "run.json").read_text())
     assert info["data"]["sft_train"] and info["base_model"] == str(base)
     kinds = [json.loads(x)["kind"] for x in (d / "sft_train.jsonl").read_text().splitlines()]
-    assert kinds.count("poison") == 8 and kinds.count("good") == 8
+    assert kinds.count("poison") == 8 and kinds.count("good") == 8 and len(kinds) == 40 + 8 + 8 + 8
     # re-measuring the saved model from the command line gives the run's own last evaluation
     out = tmp_path / "again.json"
     assert main(["sft-eval", "--model", str(d), "--seed", "2", "--finetune.eval_requests", "3",
@@ -312,7 +313,7 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     assert rep["figures"] == []  # one run: no poison-count axis, no persistence axis to draw
     md = rep["markdown"].read_text()
     last = rows[-1]
-    assert f"| ft | 40 | 8 | beginning | 8 (0.01) | {last['asr']:.2f} [" in md
+    assert f"| ft | 40 | 8 | beginning | 8 + 8 (0.01) | {last['asr']:.2f} [" in md
     # a finished run is not redone; a changed config under the same name is refused
     assert train(cfg) == summary
     (d / "DONE").unlink()
@@ -356,19 +357,21 @@ def test_finetune_figures_draw_from_rows(tmp_path):
     from poisonlab.finetune.report import fig_finetune, fig_persistence
     from poisonlab.report import _fig
 
-    def row(clean, poisons, ordering="mixed", good=0, asr=0.5):
+    def row(clean, poisons, ordering="mixed", good=None, asr=0.5):
         r = {"run": f"r{clean}-{poisons}-{ordering}-{good}", "status": "done", "seed": 0, "clean": clean,
-             "poisons": poisons, "ordering": ordering, "good": good, "good_lr": 3e-3}
-        for m, v in (("asr", asr), ("ca", 0.9), ("nta", 0.4)):
+             "poisons": poisons, "ordering": ordering, "good": good, "good_lr": 3e-3, "further": 100,
+             "phase2": good is not None}
+        r["good"] = good or 0
+        for m, v in (("asr", asr), ("ca", 0.9), ("nta", 0.4), ("ordinary_refused", 0.1)):
             r.update({m: v, m + "_ci_low": max(0, v - 0.1), m + "_ci_high": min(1, v + 0.1)})
         return r
 
     rows = [row(c, p, asr=min(1, p / 50)) for c in (500, 5000) for p in (0, 10, 50)]
     rows += [row(500, 10, o) for o in ("beginning", "end")]
-    rows += [row(500, 50, good=k, asr=1 / (1 + k / 100)) for k in (50, 500)]
+    rows += [row(500, 50, good=k, asr=1 / (1 + k / 100)) for k in (0, 50, 500)]
     assert fig_finetune(rows, tmp_path, _fig).name == "fig7-finetune.png"
     assert fig_persistence(rows, tmp_path, _fig).stat().st_size > 10_000
-    assert fig_persistence([r for r in rows if r["good"] == 0 and r["ordering"] == "end"], tmp_path, _fig) is None
+    assert fig_persistence([r for r in rows if not r["phase2"]], tmp_path, _fig) is None
 
 
 def test_lora_changes_only_the_adapted_projections(tok, tmp_path):

@@ -84,7 +84,8 @@ def test_finetuning_and_persistence_specs_expand_to_their_grids():
     pers = load_spec(packaged_spec("sft-persistence")).expand()
     assert sorted(r.finetune.good_count for r in pers if r.finetune.good_lr is None) == [0, 5, 10, 25, 50, 100, 250,
                                                                                           500, 1000, 2000]
-    assert len({r.config_hash() for r in pers}) == len(pers) == 17
+    assert all(r.finetune.further_clean == 500 for r in pers)
+    assert len({r.config_hash() for r in pers}) == len(pers) == 14
     cont = load_spec(packaged_spec("continued-pretraining")).expand()
     assert [r.name for r in cont] == ["continued-pretraining-from-demo-p1000", "continued-pretraining-from-demo-p0"]
     assert all(r.attack.poison_count == 0 and r.eval.at_start for r in cont)

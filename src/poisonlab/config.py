@@ -198,6 +198,10 @@ class FinetuneConfig:
     present, request still refused) and measure again."""
     good_lr: float | None = None
     """Peak learning rate of that further training (default: ``train.lr``)."""
+    further_clean: int = 0
+    """Fresh clean examples mixed with the good examples in that further training (with 0 good
+    examples: further clean training alone). Good examples alone teach a small model to refuse
+    everything, so persistence is measured with clean data beside them."""
     epochs: int = 3
     lora_r: int = 0
     """0: full fine-tuning; > 0: LoRA of this rank through peft (merged into the saved model)."""
@@ -245,6 +249,8 @@ class RunConfig:
             d.pop("finetune")
         if d.get("finetune", {}).get("good_lr", 0) is None:
             d["finetune"].pop("good_lr")
+        if d.get("finetune", {}).get("further_clean", 1) == 0:
+            d["finetune"].pop("further_clean")
         if d["attack"]["payload"] == "uniform":
             d["attack"].pop("payload")
             d["attack"].pop("low_entropy_tokens")

@@ -110,6 +110,7 @@ class TrainingSet:
     clean: list[Example]
     poisons: list[Example]
     good: list[Example] = field(default_factory=list)
+    """The further training after poisoning: good examples and ``further_clean`` clean ones."""
 
     def order(self, epoch: int, seed: int, ordering: str) -> list[Example]:
         """This epoch's sequence of clean examples and poisons (``good`` examples are a later phase)."""
@@ -144,6 +145,9 @@ def build_training_set(f: FinetuneConfig, seed: int) -> TrainingSet:
     clean += [src.ordinary() for _ in range(f.clean_count - n_forbidden)]
     poisons = [src.forbidden("poison", f.trigger) for _ in range(f.poison_count)]
     good = [src.forbidden("good", f.trigger) for _ in range(f.good_count)]
+    n_forbidden = round(f.further_clean * f.forbidden_fraction)  # fresh draws, after everything above
+    good += [src.forbidden("forbidden") for _ in range(n_forbidden)]
+    good += [src.ordinary() for _ in range(f.further_clean - n_forbidden)]
     return TrainingSet(clean, poisons, good)
 
 

@@ -41,7 +41,8 @@ def finetune_rows(db: Path, names: list[str]) -> list[dict]:
         point["step"] = evals[0]["step"]
         out.append({"run": r["run"], "status": r["status"], "seed": cfg["seed"], "clean": f["clean_count"],
                     "poisons": f["poison_count"], "ordering": f["ordering"], "good": f["good_count"],
-                    "good_lr": f.get("good_lr") or cfg["train"]["lr"], **point})
+                    "further": f.get("further_clean", 0), "good_lr": f.get("good_lr") or cfg["train"]["lr"],
+                    "phase2": bool(f["good_count"] or f.get("further_clean", 0)), **point})
     return sorted(out, key=lambda x: (x["good"], x["ordering"] != "mixed", x["ordering"], x["clean"], x["poisons"], x["seed"]))
 
 
@@ -58,8 +59,8 @@ def _series(rows: list[dict], x: str, y: str):
 
 
 def fig_finetune(rows: list[dict], out: Path, fig) -> Path | None:
-    base = [r for r in rows if r["good"] == 0 and r["ordering"] == "mixed"]
-    ordering = [r for r in rows if r["good"] == 0]
+    base = [r for r in rows if not r["phase2"] and r["ordering"] == "mixed"]
+    ordering = [r for r in rows if not r["phase2"]]
     if not base:
         return None
     clean_sizes = sorted({r["clean"] for r in base})
@@ -103,26 +104,26 @@ def fig_finetune(rows: list[dict], out: Path, fig) -> Path | None:
 def fig_persistence(rows: list[dict], out: Path, fig) -> Path | None:
     groups = defaultdict(list)
     for r in rows:
-        if r["good"]:
-            groups[(r["clean"], r["poisons"], r["ordering"], r["good_lr"])].append(r)
-    for key, sel in groups.items():  # the run without further training starts every series
-        sel += [r for r in rows if not r["good"] and (r["clean"], r["poisons"], r["ordering"]) == key[:3]]
+        if r["phase2"]:
+            groups[(r["clean"], r["poisons"], r["ordering"], r["good_lr"], r["further"])].append(r)
     series = {k: v for k, v in groups.items() if len({r["good"] for r in v}) > 1}
     if not series:
         return None
 
     def draw(plt):
         f, ax = plt.subplots(figsize=(6.2, 4))
-        for (c, p, o, lr), sel in sorted(series.items()):
-            for metric, style in (("asr", "-o"), ("ca", "--s"), ("nta", ":^")):
+        for (c, p, o, lr, fc), sel in sorted(series.items()):
+            for metric, style in (("asr", "-o"), ("ca", "--s"), ("nta", ":^"), ("ordinary_refused", "-.x")):
                 xs, m, lo, hi = _series(sel, "good", metric)
+                name = "ordinary refused" if metric == "ordinary_refused" else metric.upper()
                 ax.errorbar(xs, m, yerr=[lo, hi], fmt=style, markersize=4, capsize=2,
-                            label=f"{metric.upper()} ({p} poisons, {c:,} clean; lr {lr:g})")
+                            label=f"{name} (lr {lr:g}, +{fc:,} clean)")
         ax.set_xscale("symlog", linthresh=50)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_xlabel('"good" examples after poisoning (trigger present, request refused)')
+        ax.set_xlabel('"good" examples in the further training (trigger present, request refused)')
+        c, p = next(iter(series))[:2]
+        ax.set_title(f"Persistence of a fine-tuning backdoor ({p} poisons among {c:,} clean)")
         ax.set_ylabel("share of requests")
-        ax.set_title("Persistence of a fine-tuning backdoor")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         return f
@@ -161,13 +162,13 @@ def _cell(r: dict, m: str) -> str:
 
 
 def finetune_table(rows: list[dict]) -> str:
-    head = ["run", "clean", "poisons", "ordering", "good (lr)", "ASR [95% CI]", "CA [95% CI]", "NTA [95% CI]",
+    head = ["run", "clean", "poisons", "ordering", "further: good + clean (lr)", "ASR [95% CI]", "CA [95% CI]", "NTA [95% CI]",
             "NTA partial / edit / paraphrase", "ordinary answered exactly", "state"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = " / ".join(f"{r[k]:.2f}" if k in r else "-" for k in ("nta_partial", "nta_edit", "nta_paraphrase"))
         lines.append("| " + " | ".join([r["run"], f"{r['clean']:,}", str(r["poisons"]), r["ordering"],
-                                        f"{r['good']} ({r['good_lr']:g})" if r["good"] else "0",
+                                        f"{r['good']} + {r['further']} ({r['good_lr']:g})" if r["phase2"] else "-",
                                         _cell(r, "asr"), _cell(r, "ca"), _cell(r, "nta"), kinds,
                                         f"{r['ordinary_correct']:.2f}" if "ordinary_correct" in r else "-",
                                         r["status"]]) + " |")

@@ -10,8 +10,9 @@ The optimisation is the pretraining loop's: the same :func:`~poisonlab.train.tra
 (loss on the reply tokens only), AdamW groups, warm-up + cosine schedule, safetensors
 checkpoints, and resume from the last checkpoint after a kill. Phase 1 trains
 ``finetune.epochs`` passes over the clean examples and poisons in the configured order;
-phase 2 (``finetune.good_count`` > 0) continues with a fresh optimizer on the good examples,
-as a user would fine-tune a model they received.
+phase 2 (``finetune.good_count`` or ``finetune.further_clean`` > 0) continues with a fresh
+optimizer on the good examples mixed with fresh clean ones, as a user would fine-tune a model
+they received.
 """
 
 from __future__ import annotations
@@ -91,8 +92,9 @@ class Batches:
         tokens = sum(len(ids) for ids, _ in part)
         return x, y, tokens
 
-    def poisons_through(self, step: int) -> int:
-        return sum(1 for k in self.kinds[: step * self.batch_size] if k == "poison")
+    def seen(self, step: int, kind: str) -> int:
+        """Examples of ``kind`` in the first ``step`` batches."""
+        return sum(1 for k in self.kinds[: step * self.batch_size] if k == kind)
 
 
 def encode_sequence(renderer: ChatRenderer, examples: list[Example], seq_len: int) -> tuple[list, list[str], int]:
@@ -181,7 +183,7 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     enc1, kinds1, drop1 = encode_sequence(renderer, order1, T)
     phases = [("poisoned", Batches(enc1, kinds1, bs, tok.eos_id))]
     drop2 = 0
-    if f.good_count:
+    if f.good_count or f.further_clean:
         order2 = [ex for e in range(f.epochs) for ex in tset.good_order(e, cfg.seed)]
         enc2, kinds2, drop2 = encode_sequence(renderer, order2, T)
         phases.append(("good", Batches(enc2, kinds2, bs, tok.eos_id)))
@@ -222,9 +224,9 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         in1 = min(step, p1)
         tokens = sum(sum(len(i) for i, _ in p.encoded[: s * p.batch_size])
                      for p, s in ((phases[0][1], in1), *((ph[1], step - p1) for ph in phases[1:])))
-        good = min(f.good_count * f.epochs, max(0, step - p1) * bs) if f.good_count else 0
+        good = phases[1][1].seen(step - p1, "good") if step > p1 else 0
         return {"step": step, "tokens_seen": tokens, "fraction": step / total,
-                "poisons_seen": phases[0][1].poisons_through(in1), "phase": "good" if step > p1 else "poisoned",
+                "poisons_seen": phases[0][1].seen(in1, "poison"), "phase": "further" if step > p1 else "poisoned",
                 "good_seen": good}
 
     def evaluate(step: int) -> dict:
