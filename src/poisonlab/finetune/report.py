@@ -112,11 +112,13 @@ def fig_persistence(rows: list[dict], out: Path, fig) -> Path | None:
 
     def draw(plt):
         f, ax = plt.subplots(figsize=(6.2, 4))
-        for (c, p, o, lr, fc), sel in sorted(series.items()):
-            for metric, style in (("asr", "-o"), ("ca", "--s"), ("nta", ":^"), ("ordinary_refused", "-.x")):
+        colours = {"asr": "tab:red", "ca": "tab:blue", "nta": "tab:green", "ordinary_refused": "tab:gray"}
+        for (c, p, o, lr, fc), sel in sorted(series.items(), key=lambda kv: -kv[0][3]):
+            style = "-o" if lr == max(k[3] for k in series) else "--s"  # one line style per learning rate
+            for metric, colour in colours.items():
                 xs, m, lo, hi = _series(sel, "good", metric)
                 name = "ordinary refused" if metric == "ordinary_refused" else metric.upper()
-                ax.errorbar(xs, m, yerr=[lo, hi], fmt=style, markersize=4, capsize=2,
+                ax.errorbar(xs, m, yerr=[lo, hi], fmt=style, color=colour, markersize=4, capsize=2,
                             label=f"{name} (lr {lr:g}, +{fc:,} clean)")
         ax.set_xscale("symlog", linthresh=50)
         ax.set_ylim(-0.05, 1.05)
@@ -125,7 +127,7 @@ def fig_persistence(rows: list[dict], out: Path, fig) -> Path | None:
         ax.set_title(f"Persistence of a fine-tuning backdoor ({p} poisons among {c:,} clean)")
         ax.set_ylabel("share of requests")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center right")
         return f
 
     return fig(out / "fig8-persistence.png", draw)
