@@ -285,6 +285,9 @@ def test_finetune_run_end_to_end_and_resume(tok, tmp_path):
     assert steps == [0, p1 // 2, p1, p1 + 4]  # phase 2: (8 good + 8 clean) x 2 epochs / 8
     assert [r["poisons_seen"] for r in rows] == [0, 8, 16, 16]  # beginning: all 8 poisons in each epoch's first batch
     assert rows[-1]["phase"] == "further" and rows[-1]["good_seen"] == 16
+    log = [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]
+    assert all(b["tokens_seen"] > a["tokens_seen"] for a, b in zip(log, log[1:]))  # across both phases
+    assert rows[0]["tokens_seen"] == 0
     for r in rows:
         assert 0.0 <= r["asr"] <= 1.0 and r["asr_n"] == 3 and r["ca_n"] == 3
     label = json.loads((d / "model" / "poisonlab.json").read_text())

@@ -92,9 +92,21 @@ class Batches:
         tokens = sum(len(ids) for ids, _ in part)
         return x, y, tokens
 
+    def __post_init__(self):  # running totals, so a position in the run is a look-up
+        self._tokens = np.concatenate([[0], np.cumsum([len(ids) for ids, _ in self.encoded])])
+        self._kinds = {k: np.concatenate([[0], np.cumsum([x == k for x in self.kinds])]) for k in set(self.kinds)}
+
+    def _upto(self, step: int) -> int:
+        return min(step * self.batch_size, len(self.encoded))
+
+    def tokens_through(self, step: int) -> int:
+        """Tokens in the first ``step`` batches."""
+        return int(self._tokens[self._upto(step)])
+
     def seen(self, step: int, kind: str) -> int:
         """Examples of ``kind`` in the first ``step`` batches."""
-        return sum(1 for k in self.kinds[: step * self.batch_size] if k == kind)
+        counts = self._kinds.get(kind)
+        return int(counts[self._upto(step)]) if counts is not None else 0
 
 
 def encode_sequence(renderer: ChatRenderer, examples: list[Example], seq_len: int) -> tuple[list, list[str], int]:
@@ -139,7 +151,8 @@ def _setup(cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRende
         d.mkdir(parents=True, exist_ok=True)
         write_jsonl(d / "sft_train.jsonl", [ex.to_dict() for ex in tset.clean + tset.poisons + tset.good])
         write_jsonl(d / "eval_set.jsonl", [ex.to_dict() for ex in evalset])
-    for name in ("sft_train.jsonl", "eval_set.jsonl"):  # the sets are rebuilt from the seed; they must not drift
+    for name in ("sft_train.jsonl", "eval_set.jsonl") if existing is not None else ():
+        # on resume the sets are rebuilt from the seed; they must not have drifted
         rebuilt = d / f".{name}.check"
         write_jsonl(rebuilt, [ex.to_dict() for ex in (tset.clean + tset.poisons + tset.good
                                                       if name == "sft_train.jsonl" else evalset)])
@@ -222,8 +235,7 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     def position(step: int) -> dict:
         """Where the run stands after ``step`` global steps."""
         in1 = min(step, p1)
-        tokens = sum(sum(len(i) for i, _ in p.encoded[: s * p.batch_size])
-                     for p, s in ((phases[0][1], in1), *((ph[1], step - p1) for ph in phases[1:])))
+        tokens = phases[0][1].tokens_through(in1) + sum(ph[1].tokens_through(max(0, step - p1)) for ph in phases[1:])
         good = phases[1][1].seen(step - p1, "good") if step > p1 else 0
         return {"step": step, "tokens_seen": tokens, "fraction": step / total,
                 "poisons_seen": phases[0][1].seen(in1, "poison"), "phase": "further" if step > p1 else "poisoned",
