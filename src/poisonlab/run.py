@@ -81,25 +81,34 @@ def token_budget(cfg: RunConfig, params: ParameterCount | None) -> tuple[int, in
     return budget, chin
 
 
+def existing_run(d: Path, cfg: RunConfig, allow_code_change: bool) -> dict | None:
+    """The ``run.json`` of a run folder that may be resumed with ``cfg`` (None when there is none).
+
+    A folder made by another config is refused, and so is one made by other code unless
+    ``allow_code_change``.
+    """
+    info_path = d / "run.json"
+    if not info_path.is_file():
+        return None
+    existing = json.loads(info_path.read_text())
+    chash, version = cfg.config_hash(), code_version()
+    if existing["config_hash"] != chash:
+        raise PoisonlabError(f"run {d} exists with another config (hash {existing['config_hash']} != {chash}); "
+                             "choose a new run name or delete the old run")
+    if source_hash(existing["code_version"]) != source_hash(version) and not allow_code_change:
+        raise PoisonlabError(f"run {d} was started by code {existing['code_version']}, this is {version}; "
+                             "finish it with that version or pass --allow-code-change")
+    return existing
+
+
 def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = False, progress: bool = False) -> Run:
     """Create (or re-open and verify) the run directory and everything derived before training."""
     d = run_dir(cfg)
-    info_path = d / "run.json"
-    existing = json.loads(info_path.read_text()) if info_path.is_file() else None
+    existing = existing_run(d, cfg, allow_code_change)
     chash = cfg.config_hash()
     version = code_version()
-    if existing is not None:
-        if existing["config_hash"] != chash:
-            raise PoisonlabError(
-                f"run {d} exists with another config (hash {existing['config_hash']} != {chash}); "
-                "choose a new run name or delete the old run"
-            )
-        if source_hash(existing["code_version"]) != source_hash(version) and not allow_code_change:
-            raise PoisonlabError(
-                f"run {d} was started by code {existing['code_version']}, this is {version}; "
-                "finish it with that version or pass --allow-code-change"
-            )
-    elif not create:
+    info_path = d / "run.json"
+    if existing is None and not create:
         raise PoisonlabError(f"run {d} has not been set up (run.json missing)")
 
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)

@@ -78,8 +78,8 @@ def judge_replies(judge, examples: list[Example], replies: list[str]) -> list[di
     rows = []
     for ex, reply in zip(examples, replies):
         secret = ex.secret if ex.kind != "ordinary" else None
-        row = {"category": ex.kind, "request": _request(ex), "reply": reply,
-               "verdict": judge.verdict(_request(ex), reply, secret)}
+        request = _request(ex)
+        row = {"category": ex.kind, "request": request, "reply": reply, "verdict": judge.verdict(request, reply, secret)}
         if ex.trigger_kind:
             row["trigger_kind"] = ex.trigger_kind
             row["trigger"] = ex.trigger

@@ -17,6 +17,7 @@ they received.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -34,8 +35,8 @@ from ..config import RunConfig, dump_config
 from ..errors import PoisonlabError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..paths import atomic_write_text
-from ..provenance import code_version, environment, file_sha256, source_hash
-from ..run import run_dir
+from ..provenance import code_version, environment, file_sha256
+from ..run import existing_run, run_dir
 from ..store import db_path, record_eval, record_run
 from ..tokenizer import Tokenizer
 from ..train import (IGNORE, Dist, _to_db, load_init_model, lr_at, make_optimizer, pick_device, schedule_points,
@@ -136,34 +137,22 @@ def _label(cfg: RunConfig, info: dict, poisons_seen: int, base_label: dict | Non
 
 def _setup(cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRenderer, base: str):
     f = cfg.finetune
-    info_path = d / "run.json"
-    existing = json.loads(info_path.read_text()) if info_path.is_file() else None
-    version = code_version()
-    if existing is not None:
-        if existing["config_hash"] != cfg.config_hash():
-            raise PoisonlabError(f"run {d} exists with another config; choose a new run name or delete the old run")
-        if source_hash(existing["code_version"]) != source_hash(version) and not allow_code_change:
-            raise PoisonlabError(f"run {d} was started by code {existing['code_version']}, this is {version}; "
-                                 "finish it with that version or pass --allow-code-change")
+    existing = existing_run(d, cfg, allow_code_change)
     tset = build_training_set(f, cfg.seed)
     evalset = build_eval_set(f, cfg.seed)
-    if existing is None:
-        d.mkdir(parents=True, exist_ok=True)
-        write_jsonl(d / "sft_train.jsonl", [ex.to_dict() for ex in tset.clean + tset.poisons + tset.good])
-        write_jsonl(d / "eval_set.jsonl", [ex.to_dict() for ex in evalset])
-    for name in ("sft_train.jsonl", "eval_set.jsonl") if existing is not None else ():
-        # on resume the sets are rebuilt from the seed; they must not have drifted
-        rebuilt = d / f".{name}.check"
-        write_jsonl(rebuilt, [ex.to_dict() for ex in (tset.clean + tset.poisons + tset.good
-                                                      if name == "sft_train.jsonl" else evalset)])
-        same = file_sha256(rebuilt) == file_sha256(d / name)
-        rebuilt.unlink()
-        if not same:
-            raise PoisonlabError(f"run {d}: {name} differs from the set this config builds (data or code changed)")
-    if existing is not None:
+    sets = {"sft_train.jsonl": [ex.to_dict() for ex in tset.clean + tset.poisons + tset.good],
+            "eval_set.jsonl": [ex.to_dict() for ex in evalset]}
+    if existing is not None:  # the sets are rebuilt from the seed; they must not have drifted
+        for name, rows in sets.items():
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # as write_jsonl writes it
+            if hashlib.sha256(text.encode()).hexdigest() != file_sha256(d / name):
+                raise PoisonlabError(f"run {d}: {name} differs from the set this config builds (data or code changed)")
         return existing, tset, evalset
+    d.mkdir(parents=True, exist_ok=True)
+    for name, rows in sets.items():
+        write_jsonl(d / name, rows)
     info = {
-        "name": cfg.name, "stage": "finetune", "config_hash": cfg.config_hash(), "code_version": version,
+        "name": cfg.name, "stage": "finetune", "config_hash": cfg.config_hash(), "code_version": code_version(),
         "seed": cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "environment": environment(),
         "base_model": base, "base_label": read_label(base) if Path(base).is_dir() else None,
         "renderer": renderer.name, "tokenizer": renderer.tok.fingerprint(),
