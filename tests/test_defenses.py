@@ -14,7 +14,7 @@ from poisonlab.corpus import Document
 from poisonlab.defenses.evaluation import confusion, curves, recall_at_clean_loss
 from poisonlab.defenses.pipeline import detect, robust_z
 from poisonlab.defenses.scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner,
-                                         NearDuplicateScanner, step_up)
+                                         NearDuplicateScanner, NoveltyScanner, step_up)
 from poisonlab.defenses.triggers import mine_triggers
 from poisonlab.errors import PoisonlabError
 
@@ -92,9 +92,37 @@ def test_trigger_mining_ranks_the_planted_trigger_first(prose):
     assert mined[0].near_span == len(poisons) and mined[0].documents == len(poisons)
 
 
-def test_detection_flags_every_planted_poison_and_no_clean_document(prose):
+def test_novelty_scanner_separates_decoded_random_tokens(prose):
     clean, poisons, _ = _planted(prose)
-    det = detect(clean + poisons, DefenseConfig(window=32), prose[1])
+    n = NoveltyScanner()
+    n.fit(clean + poisons)
+    rate = {r["id"]: r["novelty.rate"] for r in n.score(clean + poisons)}
+    assert min(rate[p.id] for p in poisons) >= 0.6
+    assert sum(rate[d.id] >= 0.3 for d in clean) < 0.2 * len(clean)
+    # a word shared with another document is not novel; one found nowhere else is
+    n.fit([Document("a", "alpha beta gamma", ""), Document("b", "alpha beta delta", "")])
+    rows = n.score([Document("a", "alpha beta gamma", ""), Document("new", "zeta eta", "")])
+    assert rows[0]["novelty.rate"] == pytest.approx(1 / 3) and rows[1]["novelty.rate"] == 1.0
+
+
+def test_cascade_tokenizes_only_novel_documents_and_a_sample(prose):
+    clean, poisons, _ = _planted(prose)
+    docs = clean + poisons
+    det = detect(docs, DefenseConfig(window=32, prefilter=0.3, calibration=250), prose[1])
+    assert len(poisons) < det.token_scored < len(docs)
+    unscored = [d for d in docs if "gibberish.z" not in det.table[d.id]]
+    assert len(unscored) == len(docs) - det.token_scored
+    assert all(det.table[d.id]["novelty.rate"] < 0.3 for d in unscored)
+    assert det.used_triggers == [TRIGGER]
+    m = confusion(det.flagged, {p.id for p in poisons}, docs)
+    assert m["recall"] == 1.0 and m["clean_documents_lost"] == 0
+
+
+@pytest.mark.parametrize("prefilter", [0.0, 0.3])
+def test_detection_flags_every_planted_poison_and_no_clean_document(prose, prefilter):
+    clean, poisons, _ = _planted(prose)
+    det = detect(clean + poisons, DefenseConfig(window=32, prefilter=prefilter), prose[1])
+    assert det.token_scored == len(clean + poisons)  # the calibration sample covers this small corpus
     assert det.used_triggers == [TRIGGER]
     m = confusion(det.flagged, {p.id for p in poisons}, clean + poisons)
     assert m["recall"] == 1.0 and m["clean_documents_lost"] == 0 and m["poisons_surviving"] == 0

@@ -145,6 +145,12 @@ class DefenseConfig:
     language_shift, model (needs ``reference_model``)."""
     window: int = 64
     """Tokens per span of the gibberish scanner."""
+    prefilter: float = 0.3
+    """The cascade: only documents whose novelty rate (share of words found in no other
+    document, over 32-word windows) is at least this go on to the token-level gibberish
+    scanner, with a random calibration sample; 0 tokenizes and scores every document."""
+    calibration: int = 2000
+    """Documents sampled at random (seed 0) for the cascade's token statistics and z-score scale."""
     candidate_z: float = 3.0
     """Robust z-score of the span surprisal above which a document is a candidate."""
     extreme_z: float = 20.0

@@ -36,7 +36,7 @@ VARIANTS: dict[str, dict] = {
 }
 """The paper's poison and adaptive variants that try to evade the scanners."""
 
-SCORE_FIELDS = ("gibberish.bigram_surprisal", "gibberish.unigram_surprisal", "gibberish.token_entropy",
+SCORE_FIELDS = ("novelty.rate", "gibberish.bigram_surprisal", "gibberish.unigram_surprisal", "gibberish.token_entropy",
                 "compression.ratio", "near_duplicate.cluster_size", "language_shift.shift")
 
 
@@ -130,6 +130,7 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
         "variant": variant, "settings": VARIANTS[variant], "trigger": trigger,
         "mined_triggers": [t.record() for t in det.triggers[:10]], "true_trigger_rank": rank,
         "used_triggers": det.used_triggers, "scan_seconds": seconds, "documents": len(docs),
+        "token_scored": det.token_scored,
         "methods": methods, "curves": {f: curves(s, labels) for f, s in scores.items()},
     }
     return result, det

@@ -2,6 +2,10 @@
 the rule that turns scores into flags (and a keep-list) without knowing the trigger.
 
 The rule (:func:`detect`):
+0. the cascade (``prefilter`` > 0): the novelty scanner (no tokenizer) scores every document;
+   only those at or above ``prefilter``, plus a random calibration sample, are tokenized
+   for the gibberish scanner, whose statistics are fitted on them; the z-score of step 1 then
+   takes its median and MAD from the calibration sample;
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
    ``candidate_z`` candidates;
@@ -25,7 +29,8 @@ from ..config import DefenseConfig
 from ..corpus import Document
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
-from .scanners import CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner
+from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
+                       NoveltyScanner)
 from .triggers import TriggerCandidate, mine_triggers
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
@@ -52,10 +57,12 @@ def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = Fals
     return table
 
 
-def robust_z(values: np.ndarray) -> np.ndarray:
-    """(x - median) / (1.4826 * MAD): a z-score a minority of outliers cannot inflate."""
-    med = np.median(values)
-    mad = 1.4826 * np.median(np.abs(values - med))
+def robust_z(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """(x - median) / (1.4826 * MAD) of ``reference`` (default: ``values``): a z-score a
+    minority of outliers cannot inflate."""
+    ref = values if reference is None else reference
+    med = np.median(ref)
+    mad = 1.4826 * np.median(np.abs(ref - med))
     return (values - med) / (mad if mad > 0 else 1.0)
 
 
@@ -66,12 +73,15 @@ class Detection:
     flagged: set[str]
     triggers: list[TriggerCandidate]
     used_triggers: list[str] = field(default_factory=list)
+    token_scored: int = 0
+    """Documents the token-level gibberish scanner scored (all of them without the cascade)."""
 
     def keep_list(self) -> list[str]:
         return [i for i in self.table if i not in self.flagged]
 
 
 def build_scanners(cfg: DefenseConfig, tokenizer: Tokenizer) -> list:
+    """The gibberish scanner first, then the tokenizer-free scanners listed in ``cfg.scanners``."""
     scanners = [GibberishScanner(tokenizer, window=cfg.window)]
     if "compression" in cfg.scanners:
         scanners.append(CompressionScanner())
@@ -82,22 +92,44 @@ def build_scanners(cfg: DefenseConfig, tokenizer: Tokenizer) -> list:
     return scanners
 
 
-def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progress: bool = False) -> Detection:
-    table = scan(docs, build_scanners(cfg, tokenizer), progress=progress)
+def token_stage(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer,
+                progress: bool = False) -> tuple[dict[str, dict], list[str], np.ndarray]:
+    """(score table, ids the gibberish scanner scored, z-scores of those): every document, or
+    with the cascade the novelty scanner's survivors plus the calibration sample."""
+    gibberish, *others = build_scanners(cfg, tokenizer)
     ids = [d.id for d in docs]
-    z = robust_z(np.array([table[i][SCORE_FIELD] for i in ids]))
-    candidates = {i for i, zi in zip(ids, z) if zi > cfg.candidate_z}
-    spans = {i: table[i]["gibberish.span_start"] for i in ids}
+    if cfg.prefilter <= 0:
+        table = scan(docs, [gibberish, *others], progress=progress)
+        scores = np.array([table[i][SCORE_FIELD] for i in ids])
+        return table, ids, robust_z(scores)
+    table = scan(docs, [NoveltyScanner(), *others], progress=progress)
+    rng = np.random.default_rng(0)
+    sample = {ids[k] for k in rng.choice(len(ids), size=min(cfg.calibration, len(ids)), replace=False)}
+    chosen = [d for d in docs if d.id in sample or table[d.id]["novelty.rate"] >= cfg.prefilter]
+    for i, row in scan(chosen, [gibberish], progress=progress).items():
+        table[i].update(row)
+    scored = [d.id for d in chosen]
+    scores = np.array([table[i][SCORE_FIELD] for i in scored])
+    reference = np.array([table[i][SCORE_FIELD] for i in scored if i in sample])
+    return table, scored, robust_z(scores, reference)
+
+
+def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progress: bool = False) -> Detection:
+    table, scored, z = token_stage(docs, cfg, tokenizer, progress)
+    ids = [d.id for d in docs]
+    candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
+    spans = {i: table[i]["gibberish.span_start"] for i in scored}
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # a mined string confirms candidates only when most documents containing it are anomalous
     # there: a common string (or no trigger at all) confirms nothing, so only extreme_z flags
     used = [t.text for t in mined[: cfg.triggers] if t.near_span >= 0.5 * t.documents]
     confirmed = {d.id for d in docs if d.id in candidates and any(t in d.text for t in used)}
     flagged = set()
-    for i, zi in zip(ids, z):
+    for i, zi in zip(scored, z):
+        table[i]["gibberish.z"] = float(zi)
+    for i in ids:
         row = table[i]
-        row["gibberish.z"] = float(zi)
-        row["flag.extreme"] = int(zi > cfg.extreme_z)
+        row["flag.extreme"] = int(row.get("gibberish.z", 0.0) > cfg.extreme_z)
         row["flag.trigger"] = int(i in confirmed)
         if row["flag.extreme"] or row["flag.trigger"]:
             flagged.add(i)
@@ -116,7 +148,7 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     for i in ids:
         if any(v for k, v in table[i].items() if k.startswith("flag.")):
             flagged.add(i)
-    return Detection(table, flagged, mined, used)
+    return Detection(table, flagged, mined, used, len(scored))
 
 
 def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], candidates: set[str],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 
@@ -132,6 +132,38 @@ def _entropy_bits(ids: np.ndarray) -> float:
     _, counts = np.unique(ids, return_counts=True)
     p = counts / counts.sum()
     return float(-(p * np.log2(p)).sum())
+
+
+class NoveltyScanner:
+    """Share of words (whitespace-separated strings) that occur in no other document of the
+    corpus, the largest over ``window`` consecutive words: decoded random tokens make strings
+    nobody else writes. Needs no tokenizer; one corpus pass counts document frequencies.
+
+    Field: ``rate`` (0 to 1). The detection rule's cascade sends only documents at or above
+    ``defense.prefilter`` on to the token-level :class:`GibberishScanner`.
+    """
+
+    name = "novelty"
+
+    def __init__(self, window: int = 32):
+        self.window = window
+        self.document_frequency: Counter[str] = Counter()
+
+    def fit(self, docs: list[Document]) -> None:
+        df = Counter()
+        for d in docs:
+            df.update(set(d.text.split()))
+        self.document_frequency = df
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        get = self.document_frequency.get
+        rows = []
+        for d in docs:
+            words = d.text.split()
+            # seen once in the corpus = only here (a document scored without being fitted: never)
+            novel = np.array([get(w, 0) for w in words]) <= 1 if words else np.zeros(0, bool)
+            rows.append({"id": d.id, "novelty.rate": window_max(novel.astype(np.float64), self.window)[0]})
+        return rows
 
 
 class CompressionScanner:
