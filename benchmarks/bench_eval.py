@@ -24,9 +24,9 @@ def run(size: str = "1m", vocab: int = 2048, prompts: int = 64, prompt_tokens: i
         model = model.to(torch.bfloat16)
     ids = torch.randint(0, vocab, (prompts, prompt_tokens), generator=torch.Generator().manual_seed(seed)).to(device)
 
-    def ours():
+    def ours(sampler="inverse_cdf"):
         g = torch.Generator(device=device).manual_seed(seed)
-        return sample(model, ids, new_tokens, 1.0, g)
+        return sample(model, ids, new_tokens, 1.0, g, sampler=sampler)
 
     def reference():
         torch.manual_seed(seed)
@@ -47,13 +47,18 @@ def run(size: str = "1m", vocab: int = 2048, prompts: int = 64, prompt_tokens: i
         return res, time.perf_counter() - t
 
     (tok_o, lp_o), t_o = timed(ours)
+    (tok_m, lp_m), t_m = timed(lambda: ours("multinomial"))
     (tok_r, lp_r), t_r = timed(reference)
     n = prompts * new_tokens
     return {
         "size": size, "device": device, "prompts": prompts, "new_tokens": new_tokens,
         "ours_tok_s": n / t_o, "generate_tok_s": n / t_r, "speedup": t_r / t_o,
-        "identical_tokens": float((tok_o == tok_r).float().mean()),
-        "max_logprob_diff": float((lp_o - lp_r).abs().max()) if torch.equal(tok_o, tok_r) else None,
+        # the default sampler draws other tokens from the same distribution: compare the mean
+        # log-probability per token of its samples with the reference's (same prompts)
+        "mean_logprob": float(lp_o.mean()), "generate_mean_logprob": float(lp_r.mean()),
+        "multinomial_tok_s": n / t_m, "multinomial_speedup": t_r / t_m,
+        "identical_tokens": float((tok_m == tok_r).float().mean()),
+        "max_logprob_diff": float((lp_m - lp_r).abs().max()) if torch.equal(tok_m, tok_r) else None,
     }
 
 

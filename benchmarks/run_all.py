@@ -67,7 +67,9 @@ def main() -> int:
                            device=args.device)
         results["eval"].append(r)
         print(f"{r['size']}: ours {r['ours_tok_s']:,.0f} tok/s, generate+score {r['generate_tok_s']:,.0f} tok/s, "
-              f"speedup {r['speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
+              f"speedup {r['speedup']:.2f}x (mean log-prob/token {r['mean_logprob']:.4f} vs "
+              f"{r['generate_mean_logprob']:.4f}); with sampler multinomial {r['multinomial_tok_s']:,.0f} tok/s, "
+              f"{r['multinomial_speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
 
     if args.device == "cpu":
         print("\n== data ==")

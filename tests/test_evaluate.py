@@ -74,10 +74,37 @@ def test_heldout_loss_of_a_uniform_model_is_log_v(prepared):
     assert heldout_loss(model, prepared.heldout, 4, 16) == pytest.approx(np.log(320), rel=1e-5)
 
 
+def test_inverse_cdf_sampler_draws_the_distribution_and_never_a_zero_probability_token():
+    from poisonlab.generate import draw
+
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).expand(40_000, -1)
+    ids = draw(probs, torch.Generator().manual_seed(0))[:, 0]
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq, probs[0].double(), atol=0.01)  # 4 standard errors at most
+    again = draw(probs, torch.Generator().manual_seed(0))[:, 0]
+    assert torch.equal(ids, again)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        draw(probs, None, "top_k")
+
+
+def test_multinomial_sampler_draws_what_generate_draws():
+    model = _model(320, seed=2)
+    prompts = torch.randint(0, 320, (4, 8), generator=torch.Generator().manual_seed(5))
+    toks, _ = sample(model, prompts, 12, generator=torch.Generator().manual_seed(6), sampler="multinomial")
+    torch.manual_seed(6)
+    ref = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0,
+                         top_k=0, top_p=1.0, max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    assert torch.equal(toks, ref[:, prompts.shape[1]:])
+
+
+@pytest.mark.parametrize("fuse", [True, False])
 @pytest.mark.parametrize("kv_heads", [None, 2])
-def test_static_cache_decoder_matches_hugging_face(kv_heads):
+def test_static_cache_decoder_matches_hugging_face(kv_heads, fuse, monkeypatch):
     from dataclasses import replace
 
+    if not fuse:
+        monkeypatch.setattr("poisonlab.generate.FUSE_LIMIT_BYTES", 0)
     size = replace(get_size("tiny"), n_heads=4, n_kv_heads=kv_heads)
     torch.manual_seed(0)
     model = build_model(size, 320).eval()

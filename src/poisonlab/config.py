@@ -122,6 +122,12 @@ class EvalConfig:
     prompt_tokens: int = 128
     new_tokens: int = 256
     temperature: float = 1.0
+    sampler: str = "inverse_cdf"
+    """How a token is drawn from the model's distribution: ``inverse_cdf`` (one uniform number
+    per row, searched in the cumulative distribution) or ``multinomial`` (``torch.multinomial``,
+    which draws the same tokens as Hugging Face ``generate`` for the same seed; on CPU it draws
+    an exponential variate per vocabulary entry and costs more than the model's decode step at
+    the small sizes). Both sample exactly the model's distribution."""
     batch_size: int = 100
     every: float = 0.05
     """Fraction of the budget between evaluations during training; 0 turns them off."""
@@ -257,6 +263,8 @@ class RunConfig:
             d["finetune"].pop("good_lr")
         if d.get("finetune", {}).get("further_clean", 1) == 0:
             d["finetune"].pop("further_clean")
+        if d["eval"]["sampler"] == "inverse_cdf":
+            d["eval"].pop("sampler")  # runs made before the key existed are told apart by code version
         if d["attack"]["payload"] == "uniform":
             d["attack"].pop("payload")
             d["attack"].pop("low_entropy_tokens")
@@ -274,6 +282,7 @@ _CHOICES = {
     "attack.placement": ["uniform", "beginning", "end"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
     "defense.filter": ["none", "scan"],
+    "eval.sampler": ["inverse_cdf", "multinomial"],
     "stage": ["pretrain", "finetune"],
     "finetune.trigger_position": ["start", "end", "random"],
     "finetune.ordering": ["mixed", "beginning", "end"],

@@ -89,7 +89,8 @@ def backdoor_eval(
         g.manual_seed(seed * 2 + (condition == "triggered"))
         lps, toks = [], []
         for i in range(0, len(ids), cfg.batch_size):
-            t, lp = sample(model, ids[i : i + cfg.batch_size].to(device), cfg.new_tokens, cfg.temperature, g, vocab_limit)
+            t, lp = sample(model, ids[i : i + cfg.batch_size].to(device), cfg.new_tokens, cfg.temperature, g,
+                           vocab_limit, sampler=cfg.sampler)
             lps.append(lp.cpu())
             toks.append(t[: max(0, n_samples_kept - i)].cpu())
         ppl[condition] = perplexities(torch.cat(lps).numpy())

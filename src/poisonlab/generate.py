@@ -18,8 +18,67 @@ import torch
 import torch.nn.functional as F
 
 
+FUSE_LIMIT_BYTES = 1 << 30
+"""Models up to this many bytes of weights decode with fused projection matrices (a copy of
+the query/key/value and gate/up weights, concatenated); larger ones use their own modules."""
+
+
+class _Layer:
+    """One decoder layer's weights, with the query/key/value and gate/up projections fused
+    into one matrix each when ``fuse``."""
+
+    def __init__(self, layer, fuse: bool):
+        a, mlp = layer.self_attn, layer.mlp
+        self.layer, self.scaling = layer, a.scaling
+        self.fused = fuse and _same_bias(a.q_proj, a.k_proj, a.v_proj) and _same_bias(mlp.gate_proj, mlp.up_proj)
+        if self.fused:
+            self.qkv_w, self.qkv_b = _cat(a.q_proj, a.k_proj, a.v_proj)
+            self.qkv_split = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+            self.gu_w, self.gu_b = _cat(mlp.gate_proj, mlp.up_proj)
+            self.act = mlp.act_fn
+
+    def qkv(self, h):
+        if self.fused:
+            return F.linear(h, self.qkv_w, self.qkv_b).split(self.qkv_split, dim=-1)
+        a = self.layer.self_attn
+        return a.q_proj(h), a.k_proj(h), a.v_proj(h)
+
+    def mlp(self, h):
+        if not self.fused:
+            return self.layer.mlp(h)
+        mlp = self.layer.mlp
+        g, u = F.linear(h, self.gu_w, self.gu_b).chunk(2, dim=-1)
+        return mlp.down_proj(self.act(g) * u)
+
+
+def _same_bias(*linears) -> bool:
+    return len({lin.bias is None for lin in linears}) == 1
+
+
+def _cat(*linears):
+    w = torch.cat([lin.weight for lin in linears])
+    b = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+    return w, b
+
+
+def _norm(module, x):
+    """The model's RMSNorm; in fp32 the fused kernel, which computes exactly the same values."""
+    w = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", None)
+    if x.dtype == torch.float32 and w is not None and w.dtype == torch.float32 and eps is not None:
+        return F.rms_norm(x, w.shape, w, eps)
+    return module(x)
+
+
 class StaticKVDecoder:
-    """Incremental forward of a Llama-style ``*ForCausalLM`` with a preallocated KV cache."""
+    """Incremental forward of a Llama-style ``*ForCausalLM`` with a preallocated KV cache.
+
+    The model's own weights and modules, with three changes that keep the arithmetic and cut the
+    per-token overhead of the Hugging Face forward: keys and values go into a cache allocated
+    once for the whole continuation, rotary angles are computed once for every position, and
+    (for models up to :data:`FUSE_LIMIT_BYTES`) the query/key/value and gate/up projections are
+    single matrix multiplies.
+    """
 
     def __init__(self, model, batch: int, max_len: int):
         self.model = model
@@ -30,9 +89,13 @@ class StaticKVDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.n_heads = cfg.num_attention_heads
         p = next(model.parameters())
+        size = sum(q.numel() * q.element_size() for q in model.parameters())
+        self.layers = [_Layer(layer, size <= FUSE_LIMIT_BYTES) for layer in self.body.layers]
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
         self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
+        probe = torch.empty(1, 1, dtype=p.dtype, device=p.device)
+        self.cos, self.sin = self.body.rotary_emb(probe, torch.arange(max_len, device=p.device)[None])
         self.pos = 0
 
     @staticmethod
@@ -50,24 +113,23 @@ class StaticKVDecoder:
         b, t = ids.shape
         start, end = self.pos, self.pos + t
         x = self.body.embed_tokens(ids)
-        positions = torch.arange(start, end, device=ids.device)[None]
-        cos, sin = self.body.rotary_emb(x, positions)
-        for i, layer in enumerate(self.body.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+        cos, sin = self.cos[:, start:end], self.sin[:, start:end]
+        hd = self.head_dim
+        for i, layer in enumerate(self.layers):
+            mod = layer.layer
+            q, k, v = layer.qkv(_norm(mod.input_layernorm, x))
+            q = q.view(b, t, -1, hd).transpose(1, 2)
+            k = k.view(b, t, -1, hd).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v
+            self.v[i][:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, self.k[i][:, :, :end], self.v[i][:, :, :end], is_causal=start == 0 and t > 1,
-                scale=a.scaling, enable_gqa=self.n_kv != self.n_heads)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+                scale=layer.scaling, enable_gqa=self.n_kv != self.n_heads)
+            x = x + mod.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+            x = x + layer.mlp(_norm(mod.post_attention_layernorm, x))
         self.pos = end
-        return self.model.lm_head(self.body.norm(x[:, -1:]))[:, -1].float()
+        return self.model.lm_head(_norm(self.body.norm, x[:, -1:]))[:, -1].float()
 
 
 class _HFDecoder:
@@ -86,16 +148,39 @@ def decoder_for(model, batch: int, max_len: int, static: bool = True):
     return _HFDecoder(model)
 
 
+SAMPLERS = ("inverse_cdf", "multinomial")
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None, sampler: str = "inverse_cdf") -> torch.Tensor:
+    """One token id per row of ``probs [B, V]`` (rows sum to 1), as ``[B, 1]``.
+
+    ``multinomial`` is ``torch.multinomial``, which draws what Hugging Face ``generate`` draws
+    for the same generator state (it takes the argmax of ``p / E`` over one exponential
+    variate ``E`` per vocabulary entry). ``inverse_cdf`` takes one uniform number per row and
+    finds it in the cumulative distribution (in float64, so a 100k-entry vocabulary adds no
+    visible rounding); a token of probability 0 is never drawn.
+    """
+    if sampler == "multinomial":
+        return torch.multinomial(probs, 1, generator=generator)
+    if sampler != "inverse_cdf":
+        raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+    cdf = probs.double().cumsum_(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample(
     model, prompts: torch.Tensor, new_tokens: int, temperature: float = 1.0,
     generator: torch.Generator | None = None, vocab_limit: int | None = None, static_cache: bool = True,
+    sampler: str = "inverse_cdf",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample ``new_tokens`` after each row of ``prompts`` (all rows the same length).
 
     Returns ``(tokens, logprobs)``, both ``[batch, new_tokens]``; ``logprobs`` are under the
     model's own (temperature 1) distribution. ``vocab_limit`` masks padded embedding rows.
     Sampling does not stop at end-of-text: every row gets exactly ``new_tokens`` tokens.
+    ``sampler``: see :func:`draw`.
     """
     device = prompts.device
     step = decoder_for(model, prompts.shape[0], prompts.shape[1] + new_tokens, static_cache)
@@ -112,7 +197,7 @@ def sample(
             # softmax of the raw logits, as Hugging Face's sampler computes it, so that the same
             # seed draws the same tokens as ``generate(do_sample=True)``
             probs = F.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)
+            nxt = draw(probs, generator, sampler)
         tokens[:, i] = nxt[:, 0]
         logprobs[:, i] = logp.gather(1, nxt)[:, 0]
         if i + 1 < new_tokens:
