@@ -1,7 +1,7 @@
 """Training throughput and model FLOPs utilisation against a plain Hugging Face training loop.
 
 For each size, the same model, data and batch are trained for a few steps by poisonlab's
-``train_step`` and by the reference: ``model(input_ids, labels=...).loss.backward()`` and
+``train_step`` (eager, and through ``torch.compile`` as ``train.compile`` does) and by the reference: ``model(input_ids, labels=...).loss.backward()`` and
 AdamW, the straightforward loop over the Hugging Face model. MFU is achieved model FLOP/s
 (6 x matmul parameters + attention, per token; PaLM's formula) over the fp32 matmul rate
 this process reaches in the same run (``common.matmul_flops``), or the device's bf16 peak.
@@ -15,7 +15,7 @@ import torch
 
 from poisonlab.config import RunConfig
 from poisonlab.models import build_model, count_module_parameters, get_size, training_flops_per_token
-from poisonlab.train import make_optimizer, train_step
+from poisonlab.train import compiled, make_optimizer, train_step
 
 
 def _steps_per_s(step, n: int) -> float:
@@ -28,7 +28,7 @@ def _steps_per_s(step, n: int) -> float:
 
 
 def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps: int = 5, device: str = "cpu",
-        peak_flops: float | None = None) -> dict:
+        peak_flops: float | None = None, compile: bool = True) -> dict:
     cfg = RunConfig()
     dtype = torch.bfloat16 if device == "cuda" else None
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dtype else None
@@ -53,6 +53,17 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
         ref_opt.zero_grad(set_to_none=True)
 
     ref_rate = _steps_per_s(ref_step, steps)
+
+    compiled_rate, compile_s = None, None
+    if compile:  # train.compile: the same loop through torch.compile (its compilation timed apart)
+        torch.manual_seed(0)
+        comp = build_model(get_size(size), vocab).to(device)
+        comp_opt = make_optimizer(comp, cfg)
+        step_model = compiled(comp, torch.device(device))
+        t = time.perf_counter()
+        train_step(step_model, comp_opt, data, batch, 1.0, autocast)
+        compile_s = time.perf_counter() - t
+        compiled_rate = _steps_per_s(lambda: train_step(step_model, comp_opt, data, batch, 1.0, autocast), steps)
     tokens = batch * seq_len
     flops_tok = training_flops_per_token(get_size(size), vocab, seq_len)
     out = {
@@ -60,7 +71,12 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
         "ours_tok_s": ours_rate * tokens, "reference_tok_s": ref_rate * tokens, "speedup": ours_rate / ref_rate,
         "model_flops_per_token": flops_tok, "ours_flop_s": ours_rate * tokens * flops_tok,
     }
+    if compiled_rate:
+        out.update(compiled_tok_s=compiled_rate * tokens, compiled_speedup=compiled_rate / ref_rate,
+                   compile_seconds=compile_s)
     if peak_flops:
         out["mfu"] = out["ours_flop_s"] / peak_flops
         out["reference_mfu"] = ref_rate * tokens * flops_tok / peak_flops
+        if compiled_rate:
+            out["compiled_mfu"] = compiled_rate * tokens * flops_tok / peak_flops
     return out

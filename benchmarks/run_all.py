@@ -52,13 +52,16 @@ def main() -> int:
         sizes = ["125m"]
 
     print("\n== training throughput ==")
-    print(f"{'size':>6} {'params':>12} {'ours tok/s':>12} {'HF loop tok/s':>14} {'speedup':>8} {'MFU':>6} {'HF MFU':>7}")
+    print(f"{'size':>6} {'params':>12} {'ours tok/s':>12} {'HF loop tok/s':>14} {'speedup':>8} {'MFU':>6} {'HF MFU':>7}"
+          f" {'compiled tok/s':>15} {'speedup':>8} {'MFU':>6} {'compile s':>10}")
     results["train"] = []
     for size in sizes:
         r = bench_train.run(size, steps=3 if args.quick else 8, device=args.device, peak_flops=peak)
         results["train"].append(r)
         print(f"{size:>6} {r['parameters']:>12,} {r['ours_tok_s']:>12,.0f} {r['reference_tok_s']:>14,.0f} "
-              f"{r['speedup']:>7.2f}x {r.get('mfu', float('nan')):>6.1%} {r.get('reference_mfu', float('nan')):>7.1%}")
+              f"{r['speedup']:>7.2f}x {r.get('mfu', float('nan')):>6.1%} {r.get('reference_mfu', float('nan')):>7.1%}"
+              f" {r.get('compiled_tok_s', float('nan')):>15,.0f} {r.get('compiled_speedup', float('nan')):>7.2f}x"
+              f" {r.get('compiled_mfu', float('nan')):>6.1%} {r.get('compile_seconds', float('nan')):>10.0f}")
 
     print("\n== evaluation throughput (sampling + self-scoring) ==")
     results["eval"] = []

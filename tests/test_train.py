@@ -178,3 +178,20 @@ def test_continued_pretraining_stays_labelled_poisoned_and_is_reported(filler_js
     other = dict(common, tokenizer={"vocab_size": 320}, name="cont2", out_dir=str(tmp_path))
     with pytest.raises(PoisonlabError, match="tokenizer differs"):
         train(config_from_dict(other))
+
+
+def test_compiled_run_matches_the_eager_run(filler_jsonl, tmp_path, monkeypatch):
+    eager = train(tiny_config(filler_jsonl, tmp_path, name="eager"))
+    fast = train(tiny_config(filler_jsonl, tmp_path, name="compiled", train__compile=True))
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()  # the saved model is the plain one, not the compiled wrapper
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    la = [r["loss"] for r in read_jsonl(tmp_path / "eager" / "train_log.jsonl")]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "compiled" / "train_log.jsonl")]
+    assert len(la) == len(lb) and max(abs(x - y) for x, y in zip(la, lb)) < 1e-3
+    assert fast["final_eval"]["heldout_loss"] == pytest.approx(eager["final_eval"]["heldout_loss"], abs=1e-3)
+    # without a C++ compiler the option fails at once, in one line
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(PoisonlabError, match="needs a C.. compiler"):
+        train(tiny_config(filler_jsonl, tmp_path, name="nocompiler", train__compile=True))

@@ -108,6 +108,9 @@ class TrainConfig:
     """auto: bfloat16 on CUDA, float32 on CPU."""
     threads: int = 0
     """CPU threads; 0 uses the cores this process may run on."""
+    compile: bool = False
+    """Pretraining steps through ``torch.compile`` (fused kernels; on CPU it needs a C++
+    compiler and spends about 30 s compiling; docs/performance.md has what it gains)."""
     checkpoint_every: float = 0.05
     """Fraction of the budget between checkpoints."""
     keep_checkpoints: int = 2
@@ -263,6 +266,8 @@ class RunConfig:
             d["finetune"].pop("good_lr")
         if d.get("finetune", {}).get("further_clean", 1) == 0:
             d["finetune"].pop("further_clean")
+        if not d["train"]["compile"]:
+            d["train"].pop("compile")
         if d["eval"]["sampler"] == "inverse_cdf":
             d["eval"].pop("sampler")  # runs made before the key existed are told apart by code version
         if d["attack"]["payload"] == "uniform":

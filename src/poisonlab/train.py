@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sqlite3
 import sys
 import time
@@ -142,6 +143,15 @@ def train_step(model, optimizer, batch: torch.Tensor, micro: int, grad_clip: flo
     return loss_sum, grad_norm
 
 
+def compiled(model, device: torch.device):
+    """``torch.compile(model)``, after checking that the CPU backend has a C++ compiler (its
+    own error would come at the first step, several screens long)."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
+        raise PoisonlabError("train.compile on CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX); "
+                             "install one or set --train.compile false")
+    return torch.compile(model)
+
+
 def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
@@ -239,6 +249,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     model.train()
+    step_model = compiled(model, device) if cfg.train.compile else model  # shares the parameters
 
     stream = run.stream()
     eval_at = set(schedule_points(run.steps, cfg.eval.every, cfg.eval.at_start))
@@ -287,7 +298,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = torch.from_numpy(stream.batch(step, cfg.train.batch_size, T, my_rows))
-        loss_sum, grad_norm = train_step(model, optimizer, batch, micro, cfg.train.grad_clip, autocast, d.world > 1)
+        loss_sum, grad_norm = train_step(step_model, optimizer, batch, micro, cfg.train.grad_clip, autocast,
+                                         d.world > 1)
         if d.world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         steps_done = step + 1
