@@ -62,7 +62,7 @@ def run(n_docs: int = 3000) -> dict:
     for s in (GibberishScanner(tok), NoveltyScanner(), CompressionScanner(), NearDuplicateScanner(),
               LanguageShiftScanner()):
         out["scanners"][s.name] = rate(s, docs)
-    out["cascade"] = cascade(docs, tok, out["scanners"])
+    out["cascade"] = cascade(docs, tok)
     try:
         from datatrove.data import Document as DT
 
@@ -81,23 +81,27 @@ def run(n_docs: int = 3000) -> dict:
     return out
 
 
-def cascade(docs, tok, scanners: dict) -> dict:
-    """The detection rule's scanning stage (``pipeline.token_stage``) with and without the
-    cascade, end to end on this set, and the cascade's rate on a corpus large enough that the
-    fixed calibration sample no longer counts: per document, the novelty scanner plus the
-    share of documents it passes times the gibberish scanner's cost (both measured above)."""
+def cascade(docs, tok) -> dict:
+    """The detection rule's scanning stage (``pipeline.token_stage``), end to end, with and
+    without the cascade. With a sample of 100 instead of 2,000 documents, the sample is the
+    share of this set that the default sample is of a corpus of ~65,000 documents. The 250
+    poisons are 7.7% of this set and all go on to the token scanner; the last row leaves them
+    out, as in a corpus where a few hundred poisons are a negligible share."""
     from poisonlab.config import DefenseConfig
     from poisonlab.defenses.pipeline import token_stage
 
     out = {}
-    for name, prefilter in (("every document tokenized", 0.0), ("cascade", DefenseConfig().prefilter)):
-        cfg = DefenseConfig(prefilter=prefilter)
+    d = DefenseConfig()
+    clean = [x for x in docs if x.source != "poison"]
+    for name, subset, prefilter, calibration in (
+            ("every document tokenized", docs, 0.0, d.calibration),
+            ("cascade", docs, d.prefilter, d.calibration),
+            ("cascade, sample 100", docs, d.prefilter, 100),
+            ("cascade, sample 100, no poisons", clean, d.prefilter, 100)):
         t = time.perf_counter()
-        table, scored, _ = token_stage(docs, cfg, tok)
-        out[name] = {"docs_per_s": len(docs) / (time.perf_counter() - t), "token_scored": len(scored)}
-    passed = sum(r["novelty.rate"] >= DefenseConfig().prefilter for r in table.values()) / len(docs)
-    per_doc = 1 / scanners["novelty"]["docs_per_s"] + passed / scanners["gibberish"]["docs_per_s"]
-    out["cascade, large corpus"] = {"docs_per_s": 1 / per_doc, "passed_share": passed}
+        _, scored, _ = token_stage(subset, DefenseConfig(prefilter=prefilter, calibration=calibration), tok)
+        out[name] = {"docs_per_s": len(subset) / (time.perf_counter() - t), "token_scored": len(scored),
+                     "documents": len(subset)}
     return out
 
 
@@ -124,13 +128,12 @@ def main() -> int:
     r = run(args.documents)
     print(f"{r['documents']:,} documents, {r['mean_chars']:,.0f} characters on average; one core")
     ref = r["scanners"]["gibberish"]["docs_per_s"]
-    print(f"{'scanner':<28} {'docs/s':>10} {'vs gibberish':>13}")
+    print(f"{'scanner':<38} {'docs/s':>10} {'vs gibberish':>13}")
     for name, v in r["scanners"].items():
-        print(f"{name:<28} {v['docs_per_s']:>10,.0f} {v['docs_per_s'] / ref:>12.2f}x")
+        print(f"{name:<38} {v['docs_per_s']:>10,.0f} {v['docs_per_s'] / ref:>12.2f}x")
     for name, v in r["cascade"].items():
-        extra = (f"  ({v['token_scored']:,} documents tokenized)" if "token_scored" in v
-                 else f"  ({v['passed_share']:.1%} of documents passed on)")
-        print(f"{'rule: ' + name:<28} {v['docs_per_s']:>10,.0f} {v['docs_per_s'] / ref:>12.2f}x{extra}")
+        print(f"{'rule: ' + name:<38} {v['docs_per_s']:>10,.0f} {v['docs_per_s'] / ref:>12.2f}x"
+              f"  ({v['token_scored']:,} of {v['documents']:,} documents tokenized)")
     m = r["model"]
     print(f"reference model ({m['size']}): {m['tokens_per_s']:,.0f} tokens/s on one core")
     return 0
