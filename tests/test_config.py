@@ -28,6 +28,13 @@ def test_bad_values_are_named():
         config_from_dict({"attack": {"placement": "middle"}})
     with pytest.raises(PoisonlabError, match=r"attack.gibberish_tokens' must be \[low, high\]"):
         config_from_dict({"attack": {"gibberish_tokens": [900, 400]}})
+    with pytest.raises(PoisonlabError, match="'eval.sampler' is 'greedy'; allowed values: inverse_cdf, multinomial"):
+        config_from_dict({"eval": {"sampler": "greedy"}})
+    with pytest.raises(PoisonlabError, match="'defense.prefilter' must be in"):
+        config_from_dict({"defense": {"prefilter": 1.5}})
+    with pytest.raises(PoisonlabError, match="'defense.calibration' must be >= 20"):
+        config_from_dict({"defense": {"calibration": 5}})
+    assert config_from_dict({"defense": {"calibration": 5, "prefilter": 0}}).defense.calibration == 5
 
 
 def test_cli_style_overrides_are_parsed_and_typed(tmp_path):

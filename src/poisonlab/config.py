@@ -461,6 +461,11 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError(f"config key 'defense.scanners': unknown {sorted(unknown)}; allowed: {list(SCANNER_NAMES)}")
     if "model" in cfg.defense.scanners and not cfg.defense.reference_model:
         raise PoisonlabError("config key 'defense.scanners' lists model: set defense.reference_model")
+    if not 0 <= cfg.defense.prefilter <= 1:
+        raise PoisonlabError("config key 'defense.prefilter' must be in [0, 1] (0 turns the cascade off)")
+    if cfg.defense.prefilter > 0 and cfg.defense.calibration < 20:
+        raise PoisonlabError("config key 'defense.calibration' must be >= 20 with the cascade on: its median "
+                             "and spread set the scale of every z-score")
     if a.low_entropy_tokens < 1:
         raise PoisonlabError("config key 'attack.low_entropy_tokens' must be >= 1")
     f = cfg.finetune

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import DefenseConfig
 from ..corpus import Document
+from ..errors import PoisonlabError
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
@@ -102,6 +103,8 @@ def token_stage(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer,
         table = scan(docs, [gibberish, *others], progress=progress)
         scores = np.array([table[i][SCORE_FIELD] for i in ids])
         return table, ids, robust_z(scores)
+    if cfg.calibration < 1:
+        raise PoisonlabError("the cascade needs a calibration sample (defense.calibration >= 1)")
     table = scan(docs, [NoveltyScanner(), *others], progress=progress)
     rng = np.random.default_rng(0)
     sample = {ids[k] for k in rng.choice(len(ids), size=min(cfg.calibration, len(ids)), replace=False)}
