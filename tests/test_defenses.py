@@ -83,6 +83,14 @@ def test_token_statistics_round_trip_without_pickle(prepared, tmp_path):
     # in the statistics than [3, 2] left out, which is (3, 2) as seen in the first document only
     once = TokenStatistics.fit([[1, 2, 3, 2, 3]], prepared.tokenizer.vocab_size)
     assert np.allclose(s.surprisal(np.array([3, 2]))[1], once.surprisal(np.array([3, 2]), leave_out=False)[1])
+    # a batch scores each document exactly as alone, its own counts left out of its own scores only
+    docs = [np.array([1, 2, 3, 2, 3]), np.array([], dtype=np.int64), np.array([3]), np.array([3, 2])]
+    for leave_out in (True, False):
+        for d, (u, b) in zip(docs, s.surprisal_batch(docs, leave_out)):
+            u1, b1 = s.surprisal(d, leave_out) if len(d) else (np.zeros(0), np.zeros(0))
+            assert len(u) == len(d) and len(b) == max(len(d) - 1, 0)
+            assert np.array_equal(u, u1) and np.array_equal(b, b1)
+    assert not np.allclose(s.surprisal(docs[0])[1], s.surprisal(docs[0], leave_out=False)[1])
 
 
 def test_trigger_mining_ranks_the_planted_trigger_first(prose):

@@ -69,20 +69,35 @@ class TokenStatistics:
         its own counts are taken out first; otherwise a payload's own rare tokens and pairs
         would vouch for themselves, which matters when the corpus is small.
         """
-        ids = np.asarray(ids, dtype=np.int64)
+        return self.surprisal_batch([ids], leave_out)[0]
+
+    def surprisal_batch(self, docs: list[np.ndarray], leave_out: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`surprisal` of each document, computed for the whole batch at once (each
+        document's own counts are still left out of its own scores only)."""
+        lens = np.array([len(d) for d in docs], dtype=np.int64)
+        if lens.sum() == 0:
+            return [(np.zeros(0), np.zeros(0)) for _ in docs]
+        ids = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
+        doc = np.repeat(np.arange(len(docs)), lens)
+        has_prev = np.ones(len(ids), dtype=bool)
+        has_prev[(np.cumsum(lens) - lens)[lens > 0]] = False
+        nxt = np.flatnonzero(has_prev)
+        prev_ids = ids[nxt - 1]
+        pairs = _pair_bucket(prev_ids, ids[nxt], self.vocab_size)
         uni = self.unigram[ids]
-        total = self.unigram.sum()
-        pairs = _pair_bucket(ids[:-1], ids[1:], self.vocab_size)
         big = self.bigram[pairs]
-        fol = self.following[ids[:-1]]
+        fol = self.following[prev_ids]
+        total = self.unigram.sum()
         if leave_out:
-            uni = np.maximum(uni - _own_counts(ids), 0.0)
-            total -= len(ids)
-            big = np.maximum(big - _own_counts(pairs), 0.0)
-            fol = np.maximum(fol - _own_counts(ids[:-1]), 0.0)
+            uni = np.maximum(uni - _own_counts(ids, doc), 0.0)
+            total = total - lens[doc]
+            big = np.maximum(big - _own_counts(pairs, doc[nxt]), 0.0)
+            fol = np.maximum(fol - _own_counts(prev_ids, doc[nxt]), 0.0)
         pu = (uni + 1.0) / (total + self.vocab_size)
-        bi = -np.log((big + self.alpha * pu[1:]) / (fol + self.alpha))
-        return -np.log(pu), bi
+        bi = -np.log((big + self.alpha * pu[nxt]) / (fol + self.alpha))
+        uni_s = np.split(-np.log(pu), np.cumsum(lens)[:-1])
+        bi_s = np.split(bi, np.cumsum(np.maximum(lens - 1, 0))[:-1])
+        return list(zip(uni_s, bi_s))
 
     def save(self, path: str | Path) -> None:
         np.savez_compressed(path, vocab_size=self.vocab_size, unigram=self.unigram, bigram=self.bigram,
@@ -97,9 +112,12 @@ class TokenStatistics:
         return cls(int(z["vocab_size"]), z["unigram"], z["bigram"], z["following"], float(z["alpha"]))
 
 
-def _own_counts(x: np.ndarray) -> np.ndarray:
-    """For each element, how often its value occurs in ``x``."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+def _own_counts(x: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """For each element, how often its value occurs among the elements of its group."""
+    if len(x) == 0:
+        return np.zeros(0)
+    key = group.astype(np.int64) * (int(x.max()) + 1) + x
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
     return counts[inverse].astype(np.float64)
 
 

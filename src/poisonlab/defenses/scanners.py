@@ -112,12 +112,13 @@ class GibberishScanner:
         assert self.stats is not None, "fit the scanner (or give it statistics) first"
         rows = []
         w = self.window
-        for doc, (ids, offsets) in zip(docs, self._encode(docs)):
+        encoded = self._encode(docs)
+        scores = self.stats.surprisal_batch([ids for ids, _ in encoded], leave_out=self.leave_out)
+        for doc, (ids, offsets), (uni, bi) in zip(docs, encoded, scores):
             if len(ids) < 2:
                 rows.append({"id": doc.id, "gibberish.bigram_surprisal": 0.0, "gibberish.unigram_surprisal": 0.0,
                              "gibberish.token_entropy": 0.0, "gibberish.span_start": 0})
                 continue
-            uni, bi = self.stats.surprisal(ids, leave_out=self.leave_out)
             b_max, at = window_max(bi, w)
             u_max, _ = window_max(uni, w)
             start_tok = step_up(bi) + 1
