@@ -283,7 +283,8 @@ def cmd_scan(args) -> int:
         return 0
     det = detect(docs, cfg.defense, data.tokenizer, progress=True)
     write_detection(det, out)
-    print(f"{len(docs):,} documents scanned, {len(det.flagged):,} flagged; "
+    print(f"{len(docs):,} documents scanned ({det.token_scored:,} tokenized for the gibberish scanner), "
+          f"{len(det.flagged):,} flagged; "
           f"top trigger candidates: {', '.join(repr(t.text) for t in det.triggers[:5]) or 'none'}")
     print(f"scores, triggers and keep-list in {out}")
     return 0
