@@ -35,6 +35,9 @@ def test_bad_values_are_named():
     with pytest.raises(PoisonlabError, match="'defense.calibration' must be >= 20"):
         config_from_dict({"defense": {"calibration": 5}})
     assert config_from_dict({"defense": {"calibration": 5, "prefilter": 0}}).defense.calibration == 5
+    # a list flag takes a,b,c as well as [a, b, c]
+    assert config_from_dict({"defense": {"scanners": "gibberish,compression"}}).defense.scanners == ["gibberish", "compression"]
+    assert config_from_dict({"attack": {"gibberish_tokens": "10, 20"}}).attack.gibberish_tokens == [10, 20]
 
 
 def test_cli_style_overrides_are_parsed_and_typed(tmp_path):

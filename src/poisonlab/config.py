@@ -317,6 +317,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         except yaml.YAMLError:
             pass
     if origin is list:
+        if isinstance(value, str) and "," in value:  # a,b,c on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (str, int, float)):
             value = [value]
         if not isinstance(value, list):
