@@ -310,3 +310,26 @@ def test_run_with_scan_filter_removes_its_poisons_before_training(filler_jsonl, 
     label = make_label({"name": "dos"}, len(run.plan.poisons), 0, run.label_fields())
     assert label["poisoned"] is False and label["defense"]["poisons"] == 6
     assert "\n# Model trained on scan-filtered data" in model_card(label) and "defense-filtered" in model_card(label)
+
+
+def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose, tmp_path):
+    import torch
+
+    from poisonlab.models import build_model, get_size
+
+    clean, poisons, _ = _planted(prose)
+    tok = prose[1]
+    model = build_model(get_size("tiny"), tok.vocab_size, tok.eos_id)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform next-token distribution: every surprisal is log V
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    tok.save(tmp_path)
+    cfg = DefenseConfig(window=32, scanners=["gibberish", "model"], reference_model=str(tmp_path))
+    det = detect(clean + poisons, cfg, tok)
+    scored = [r for r in det.table.values() if "model.surprisal" in r]
+    candidates = [r for r in det.table.values() if r.get("gibberish.z", 0) > cfg.candidate_z]
+    assert {p.id for p in poisons} <= {r["id"] for r in candidates}
+    assert len(candidates) < len(scored) < len(candidates) + 201  # candidates plus a sample of the rest
+    assert all(r["model.surprisal"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-4) for r in scored)
+    assert all(r["flag.model"] == 0 for r in candidates)  # a flat reference flags nothing
+    assert all("flag.model" not in r for r in det.table.values() if r not in candidates)

@@ -166,13 +166,12 @@ def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict
     cand = [d for d in docs if d.id in candidates]
     rows = {r["id"]: r["model.surprisal"] for r in scanner.score(sample + cand)}
     ref = np.array([rows[d.id] for d in sample]) if sample else np.zeros(1)
-    med = np.median(ref)
-    mad = 1.4826 * np.median(np.abs(ref - med)) or 1.0
+    z = dict(zip([d.id for d in cand], robust_z(np.array([rows[d.id] for d in cand]), ref)))
     for d in docs:
         if d.id in rows:
             table[d.id]["model.surprisal"] = rows[d.id]
         if d.id in candidates:
-            table[d.id]["flag.model"] = int((rows[d.id] - med) / mad > cfg.extreme_z)
+            table[d.id]["flag.model"] = int(z[d.id] > cfg.extreme_z)
 
 
 def write_detection(det: Detection, directory: str | Path) -> None:
