@@ -113,3 +113,20 @@ def test_static_cache_decoder_matches_hugging_face(kv_heads, fuse, monkeypatch):
     slow = sample(model, prompts, 24, generator=torch.Generator().manual_seed(4), static_cache=False)
     assert torch.equal(fast[0], slow[0])
     assert torch.allclose(fast[1], slow[1], atol=1e-5)
+
+
+def test_decoder_reuses_fused_weights_until_a_weight_changes():
+    from poisonlab.generate import StaticKVDecoder
+
+    model = _model(320, seed=3)
+    first = StaticKVDecoder(model, 2, 8).layers
+    assert StaticKVDecoder(model, 4, 16).layers is first  # another batch, the same prepared weights
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2.0)  # as an optimizer step would
+    again = StaticKVDecoder(model, 2, 8).layers
+    assert again is not first
+    assert torch.equal(again[0].qkv_w[:again[0].qkv_split[0]], model.model.layers[0].self_attn.q_proj.weight)
+    prompts = torch.randint(0, 320, (3, 6), generator=torch.Generator().manual_seed(1))
+    fast = sample(model, prompts, 10, generator=torch.Generator().manual_seed(2))
+    slow = sample(model, prompts, 10, generator=torch.Generator().manual_seed(2), static_cache=False)
+    assert torch.equal(fast[0], slow[0])

@@ -14,6 +14,8 @@ continuations that come from elsewhere (or for checking).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,23 @@ class _Layer:
         mlp = self.layer.mlp
         g, u = F.linear(h, self.gu_w, self.gu_b).chunk(2, dim=-1)
         return mlp.down_proj(self.act(g) * u)
+
+
+_FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _layers(model) -> list[_Layer]:
+    """The model's layers prepared for decoding, reused across batches until a weight changes
+    (every in-place update, such as an optimizer step, bumps a tensor's version counter)."""
+    params = list(model.parameters())
+    versions = tuple((q.data_ptr(), q._version) for q in params)
+    hit = _FUSED.get(model)
+    if hit is not None and hit[0] == versions:
+        return hit[1]
+    fuse = sum(q.numel() * q.element_size() for q in params) <= FUSE_LIMIT_BYTES
+    layers = [_Layer(layer, fuse) for layer in model.model.layers]
+    _FUSED[model] = (versions, layers)
+    return layers
 
 
 def _same_bias(*linears) -> bool:
@@ -89,8 +108,7 @@ class StaticKVDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.n_heads = cfg.num_attention_heads
         p = next(model.parameters())
-        size = sum(q.numel() * q.element_size() for q in model.parameters())
-        self.layers = [_Layer(layer, size <= FUSE_LIMIT_BYTES) for layer in self.body.layers]
+        self.layers = _layers(model)
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
         self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
