@@ -1,8 +1,9 @@
 """Training throughput and model FLOPs utilisation against a plain Hugging Face training loop.
 
 For each size, the same model, data and batch are trained for a few steps by poisonlab's
-``train_step`` (eager, and through ``torch.compile`` as ``train.compile`` does) and by the reference: ``model(input_ids, labels=...).loss.backward()`` and
-AdamW, the straightforward loop over the Hugging Face model. MFU is achieved model FLOP/s
+``train_step`` (eager, and through ``torch.compile`` as ``train.compile`` does) and by the
+reference: ``model(input_ids, labels=...).loss.backward()`` and AdamW, the straightforward
+loop over the Hugging Face model. MFU is achieved model FLOP/s
 (6 x matmul parameters + attention, per token; PaLM's formula) over the fp32 matmul rate
 this process reaches in the same run (``common.matmul_flops``), or the device's bf16 peak.
 """
