@@ -130,3 +130,19 @@ def test_decoder_reuses_fused_weights_until_a_weight_changes():
     fast = sample(model, prompts, 10, generator=torch.Generator().manual_seed(2))
     slow = sample(model, prompts, 10, generator=torch.Generator().manual_seed(2), static_cache=False)
     assert torch.equal(fast[0], slow[0])
+
+
+def test_decoder_rotation_gives_hugging_faces_values_exactly():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from poisonlab.generate import _rotary_halves, _rotate
+
+    model = _model(320, seed=4)
+    cos, sin = model.model.rotary_emb(torch.empty(1, 1), torch.arange(12)[None])
+    q, k = torch.randn(2, 3, 12, 32), torch.randn(2, 1, 12, 32)  # [B, heads, T, head_dim], 3 query heads, 1 key head
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)
+    qk = torch.cat([q, k], dim=1).transpose(1, 2).reshape(2, 12, 4, 2, 16)  # [B, T, heads, 2, head_dim / 2]
+    got = _rotate(qk, *_rotary_halves(cos, sin)).view(2, 12, 4, 32).transpose(1, 2)
+    assert torch.equal(got[:, :3], want_q) and torch.equal(got[:, 3:], want_k)
+    # a layout whose halves do not repeat is left to Hugging Face's function
+    assert _rotary_halves(torch.arange(8.0)[None, None], torch.arange(8.0)[None, None]) is None

@@ -37,7 +37,9 @@ class _Layer:
             self.qkv_w, self.qkv_b = _cat(a.q_proj, a.k_proj, a.v_proj)
             self.qkv_split = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
             self.gu_w, self.gu_b = _cat(mlp.gate_proj, mlp.up_proj)
-            self.act = mlp.act_fn
+            # SiLU through the functional call (the module only wraps it)
+            self.act = F.silu if type(mlp.act_fn).__name__ in {"SiLU", "SiLUActivation"} else mlp.act_fn
+            self.o, self.down = a.o_proj, mlp.down_proj
 
     def qkv(self, h):
         if self.fused:
@@ -48,9 +50,13 @@ class _Layer:
     def mlp(self, h):
         if not self.fused:
             return self.layer.mlp(h)
-        mlp = self.layer.mlp
         g, u = F.linear(h, self.gu_w, self.gu_b).chunk(2, dim=-1)
-        return mlp.down_proj(self.act(g) * u)
+        return F.linear(self.act(g).mul_(u), self.down.weight, self.down.bias)
+
+    def out(self, o):
+        if not self.fused:
+            return self.layer.self_attn.o_proj(o)
+        return F.linear(o, self.o.weight, self.o.bias)
 
 
 _FUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -114,6 +120,7 @@ class StaticKVDecoder:
         self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
         probe = torch.empty(1, 1, dtype=p.dtype, device=p.device)
         self.cos, self.sin = self.body.rotary_emb(probe, torch.arange(max_len, device=p.device)[None])
+        self.halves = _rotary_halves(self.cos, self.sin)
         self.pos = 0
 
     @staticmethod
@@ -132,22 +139,50 @@ class StaticKVDecoder:
         start, end = self.pos, self.pos + t
         x = self.body.embed_tokens(ids)
         cos, sin = self.cos[:, start:end], self.sin[:, start:end]
-        hd = self.head_dim
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         for i, layer in enumerate(self.layers):
             mod = layer.layer
-            q, k, v = layer.qkv(_norm(mod.input_layernorm, x))
-            q = q.view(b, t, -1, hd).transpose(1, 2)
-            k = k.view(b, t, -1, hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            h = _norm(mod.input_layernorm, x)
+            if layer.fused and self.halves is not None:
+                # one rotation for the queries and keys together, straight out of the fused projection
+                qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+                qk = _rotate(qkv[..., : (nh + nkv) * hd].view(b, t, nh + nkv, 2, hd // 2),
+                             *(c[:, start:end] for c in self.halves)).view(b, t, nh + nkv, hd)
+                q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
+                v = qkv[..., (nh + nkv) * hd :]
+            else:
+                q, k, v = layer.qkv(h)
+                q, k = apply_rotary_pos_emb(q.view(b, t, -1, hd).transpose(1, 2), k.view(b, t, -1, hd).transpose(1, 2),
+                                            cos, sin)
             self.k[i][:, :, start:end] = k
             self.v[i][:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, self.k[i][:, :, :end], self.v[i][:, :, :end], is_causal=start == 0 and t > 1,
-                scale=layer.scaling, enable_gqa=self.n_kv != self.n_heads)
-            x = x + mod.self_attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+                scale=layer.scaling, enable_gqa=nkv != nh)
+            x = x + layer.out(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(_norm(mod.post_attention_layernorm, x))
         self.pos = end
         return self.model.lm_head(_norm(self.body.norm, x[:, -1:]))[:, -1].float()
+
+
+def _rotary_halves(cos: torch.Tensor, sin: torch.Tensor):
+    """``cos`` and ``sin`` (``[1, L, head_dim]``) as ``[1, L, 1, 2, head_dim / 2]`` factors for
+    :func:`_rotate`, the first half of ``sin`` negated; None unless both halves of each repeat
+    (Llama's rotary layout, in which ``rotate_half`` swaps the halves)."""
+    hd = cos.shape[-1]
+    if hd % 2 or not (torch.equal(cos[..., : hd // 2], cos[..., hd // 2 :])
+                      and torch.equal(sin[..., : hd // 2], sin[..., hd // 2 :])):
+        return None
+    c = cos.view(1, -1, 1, 2, hd // 2)
+    s = torch.cat([-sin[..., : hd // 2], sin[..., hd // 2 :]], dim=-1).view(1, -1, 1, 2, hd // 2)
+    return c, s
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of ``x [B, T, heads, 2, head_dim / 2]``: the same values as Hugging Face's
+    ``x * cos + rotate_half(x) * sin`` (``(-a) * s`` and ``a * (-s)`` are the same float), in four
+    operations instead of seven per tensor."""
+    return (x * cos).add_(x.flip(3).mul_(sin_signed))
 
 
 class _HFDecoder:
