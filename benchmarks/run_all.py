@@ -65,11 +65,19 @@ def main() -> int:
 
     print("\n== evaluation throughput (sampling + self-scoring) ==")
     results["eval"] = []
-    for size in (["1m", sizes[-1]] if args.device == "cpu" else ["125m"]):
-        r = bench_eval.run(size=size, prompts=32 if args.quick else 64, new_tokens=64 if args.quick else 128,
-                           device=args.device)
+    # the evaluation's own settings (100 prompts, 256 new tokens) at the demo size, then a
+    # shorter setting at the demo size and the largest CPU size
+    if args.device != "cpu":
+        settings = [("125m", 100, 256)]
+    elif args.quick:
+        settings = [("1m", 32, 64), (sizes[-1], 32, 64)]
+    else:
+        settings = [("1m", 100, 256), ("1m", 64, 128), (sizes[-1], 64, 128)]
+    for size, n_prompts, n_new in settings:
+        r = bench_eval.run(size=size, prompts=n_prompts, new_tokens=n_new, device=args.device)
         results["eval"].append(r)
-        print(f"{r['size']}: ours {r['ours_tok_s']:,.0f} tok/s, generate+score {r['generate_tok_s']:,.0f} tok/s, "
+        print(f"{r['size']}, {n_prompts} prompts x {n_new} new tokens: ours {r['ours_tok_s']:,.0f} tok/s, "
+              f"generate+score {r['generate_tok_s']:,.0f} tok/s, "
               f"speedup {r['speedup']:.2f}x (mean log-prob/token {r['mean_logprob']:.4f} vs "
               f"{r['generate_mean_logprob']:.4f}); with sampler multinomial {r['multinomial_tok_s']:,.0f} tok/s, "
               f"{r['multinomial_speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")

@@ -146,3 +146,22 @@ def test_decoder_rotation_gives_hugging_faces_values_exactly():
     assert torch.equal(got[:, :3], want_q) and torch.equal(got[:, 3:], want_k)
     # a layout whose halves do not repeat is left to Hugging Face's function
     assert _rotary_halves(torch.arange(8.0)[None, None], torch.arange(8.0)[None, None]) is None
+
+
+def test_prompt_fed_in_groups_of_rows_gives_the_single_pass_logits_and_cache(monkeypatch):
+    from poisonlab.generate import StaticKVDecoder
+
+    model = _model(320, seed=5)
+    prompts = torch.randint(0, 320, (7, 10), generator=torch.Generator().manual_seed(2))
+    nxt = torch.randint(0, 320, (7, 1), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = StaticKVDecoder(model, 7, 16)
+        want = [whole(prompts), whole(nxt)]
+        monkeypatch.setattr("poisonlab.generate.PREFILL_CHUNK_BYTES", 1)  # one row at a time
+        rows = StaticKVDecoder(model, 7, 16)
+        got = [rows(prompts), rows(nxt)]
+    assert rows.pos == whole.pos == 11
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(rows.k + rows.v, whole.k + whole.v):
+        assert torch.allclose(a[:, :, :11], b[:, :, :11], atol=1e-5)

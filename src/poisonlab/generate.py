@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
+PREFILL_CHUNK_BYTES = 8 << 20
+"""On CPU a batch of prompts is fed in groups of rows whose widest activation fits in this many
+bytes (well inside the last-level cache, and below the size at which the allocator maps fresh
+pages for every tensor)."""
+
 FUSE_LIMIT_BYTES = 1 << 30
 """Models up to this many bytes of weights decode with fused projection matrices (a copy of
 the query/key/value and gate/up weights, concatenated); larger ones use their own modules."""
@@ -121,6 +126,8 @@ class StaticKVDecoder:
         probe = torch.empty(1, 1, dtype=p.dtype, device=p.device)
         self.cos, self.sin = self.body.rotary_emb(probe, torch.arange(max_len, device=p.device)[None])
         self.halves = _rotary_halves(self.cos, self.sin)
+        self.widest = max(cfg.hidden_size, 2 * cfg.intermediate_size,
+                          (self.n_heads + 2 * self.n_kv) * self.head_dim)  # widest activation per token
         self.pos = 0
 
     @staticmethod
@@ -132,7 +139,26 @@ class StaticKVDecoder:
                 and getattr(model.config, "sliding_window", None) is None)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feed ``ids [B, T]`` at the current position; returns float logits of the last position."""
+        """Feed ``ids [B, T]`` at the current position; returns float logits of the last position.
+
+        On CPU a prompt goes through in groups of rows whose widest activation stays within
+        :data:`PREFILL_CHUNK_BYTES`: a whole batch of prompts makes activations of tens of MB,
+        which the allocator maps afresh at every call, and their page faults cost about as much
+        as the matrix multiplies. Rows do not interact, and the output projection still runs once
+        over the whole batch, so the logits are those of a single pass (a test checks).
+        """
+        b, t = ids.shape
+        rows = b
+        if t > 1 and ids.device.type == "cpu":
+            rows = max(1, PREFILL_CHUNK_BYTES // (t * self.widest * self.k[0].element_size()))
+        if rows >= b:
+            last = self._forward(ids, slice(None))
+        else:
+            last = torch.cat([self._forward(ids[r : r + rows], slice(r, r + rows)) for r in range(0, b, rows)])
+        self.pos += t
+        return self.model.lm_head(_norm(self.body.norm, last))[:, -1].float()
+
+    def _forward(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, t = ids.shape
@@ -154,15 +180,15 @@ class StaticKVDecoder:
                 q, k, v = layer.qkv(h)
                 q, k = apply_rotary_pos_emb(q.view(b, t, -1, hd).transpose(1, 2), k.view(b, t, -1, hd).transpose(1, 2),
                                             cos, sin)
-            self.k[i][:, :, start:end] = k
-            self.v[i][:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
+            cache_k, cache_v = self.k[i][rows], self.v[i][rows]
+            cache_k[:, :, start:end] = k
+            cache_v[:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
             o = F.scaled_dot_product_attention(
-                q, self.k[i][:, :, :end], self.v[i][:, :, :end], is_causal=start == 0 and t > 1,
+                q, cache_k[:, :, :end], cache_v[:, :, :end], is_causal=start == 0 and t > 1,
                 scale=layer.scaling, enable_gqa=nkv != nh)
             x = x + layer.out(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(_norm(mod.post_attention_layernorm, x))
-        self.pos = end
-        return self.model.lm_head(_norm(self.body.norm, x[:, -1:]))[:, -1].float()
+        return x[:, -1:]
 
 
 def _rotary_halves(cos: torch.Tensor, sin: torch.Tensor):
@@ -182,7 +208,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
     """Rotary embedding of ``x [B, T, heads, 2, head_dim / 2]``: the same values as Hugging Face's
     ``x * cos + rotate_half(x) * sin`` (``(-a) * s`` and ``a * (-s)`` are the same float), in four
     operations instead of seven per tensor."""
-    return (x * cos).add_(x.flip(3).mul_(sin_signed))
+    return (x * cos).add_(x.roll(1, 3).mul_(sin_signed))
 
 
 class _HFDecoder:
@@ -243,16 +269,22 @@ def sample(
     for i in range(new_tokens):
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits[:, vocab_limit:] = float("-inf")
-        logp = F.log_softmax(logits, dim=-1)
-        if temperature == 0:
-            nxt = logp.argmax(-1, keepdim=True)
-        else:
+        if temperature == 1.0:
             # softmax of the raw logits, as Hugging Face's sampler computes it, so that the same
-            # seed draws the same tokens as ``generate(do_sample=True)``
-            probs = F.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+            # seed draws the same tokens as ``generate(do_sample=True)``; the token's log-probability
+            # is the log of its entry (within a float rounding of log_softmax, at half the cost)
+            probs = F.softmax(logits, dim=-1)
             nxt = draw(probs, generator, sampler)
+            lp = probs.gather(1, nxt).log_()
+        else:
+            logp = F.log_softmax(logits, dim=-1)
+            if temperature == 0:
+                nxt = logp.argmax(-1, keepdim=True)
+            else:
+                nxt = draw(F.softmax(logits / temperature, dim=-1), generator, sampler)
+            lp = logp.gather(1, nxt)
         tokens[:, i] = nxt[:, 0]
-        logprobs[:, i] = logp.gather(1, nxt)[:, 0]
+        logprobs[:, i] = lp[:, 0]
         if i + 1 < new_tokens:
             logits = step(nxt)
     return tokens, logprobs
