@@ -17,7 +17,7 @@ from poisonlab.models import build_model, get_size
 
 
 def run(size: str = "1m", vocab: int = 2048, prompts: int = 100, prompt_tokens: int = 128, new_tokens: int = 256,
-        seed: int = 0, device: str = "cpu", repeat: int = 2) -> dict:
+        seed: int = 0, device: str = "cpu", repeat: int = 3) -> dict:
     """Defaults are the evaluation's own (``EvalConfig``: batches of 100 prompts of 128 tokens,
     256 new tokens). Each variant runs once to warm up, then ``repeat`` rounds in which every
     variant runs once in turn; the best time of each is kept, so a burst of load on a shared
