@@ -165,3 +165,18 @@ def test_prompt_fed_in_groups_of_rows_gives_the_single_pass_logits_and_cache(mon
         assert torch.allclose(a, b, atol=1e-5)
     for a, b in zip(rows.k + rows.v, whole.k + whole.v):
         assert torch.allclose(a[:, :, :11], b[:, :, :11], atol=1e-5)
+
+
+def test_matmul_attention_step_stays_within_float_rounding_of_the_exact_kernel():
+    from poisonlab.generate import StaticKVDecoder, _HFDecoder
+
+    model = _model(320, seed=6)
+    prompts = torch.randint(0, 320, (4, 9), generator=torch.Generator().manual_seed(4))
+    steps = torch.randint(0, 320, (6, 4, 1), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        exact, fast, ref = StaticKVDecoder(model, 4, 16, exact=True), StaticKVDecoder(model, 4, 16), _HFDecoder(model)
+        assert fast.matmul_attention and not exact.matmul_attention
+        for ids in [prompts, *steps]:
+            want, e, f = ref(ids), exact(ids), fast(ids)
+            assert torch.equal(e, want)  # the fused kernel, as Hugging Face runs it
+            assert torch.allclose(f, want, atol=1e-5) and f.abs().max() > 1e-3

@@ -110,7 +110,11 @@ class StaticKVDecoder:
     single matrix multiplies.
     """
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, exact: bool = False):
+        """``exact``: attend through PyTorch's fused attention kernel at every step, as Hugging
+        Face does, so that the logits are bit for bit those of the model's own forward. Otherwise
+        a one-token step on CPU in fp32 attends with two batched matrix products and a softmax,
+        which reads the cache faster on this kind of machine (logits within about 1e-6)."""
         self.model = model
         self.body = model.model
         cfg = model.config
@@ -128,6 +132,8 @@ class StaticKVDecoder:
         self.halves = _rotary_halves(self.cos, self.sin)
         self.widest = max(cfg.hidden_size, 2 * cfg.intermediate_size,
                           (self.n_heads + 2 * self.n_kv) * self.head_dim)  # widest activation per token
+        self.matmul_attention = (not exact and p.device.type == "cpu" and p.dtype == torch.float32
+                                 and self.n_kv == self.n_heads)
         self.pos = 0
 
     @staticmethod
@@ -183,9 +189,13 @@ class StaticKVDecoder:
             cache_k, cache_v = self.k[i][rows], self.v[i][rows]
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q, cache_k[:, :, :end], cache_v[:, :, :end], is_causal=start == 0 and t > 1,
-                scale=layer.scaling, enable_gqa=nkv != nh)
+            if t == 1 and self.matmul_attention:
+                scores = torch.matmul(q, cache_k[:, :, :end].transpose(-1, -2)).mul_(layer.scaling)
+                o = torch.matmul(torch.softmax(scores, dim=-1), cache_v[:, :, :end])
+            else:
+                o = F.scaled_dot_product_attention(
+                    q, cache_k[:, :, :end], cache_v[:, :, :end], is_causal=start == 0 and t > 1,
+                    scale=layer.scaling, enable_gqa=nkv != nh)
             x = x + layer.out(o.transpose(1, 2).reshape(b, t, -1))
             x = x + layer.mlp(_norm(mod.post_attention_layernorm, x))
         return x[:, -1:]
@@ -221,9 +231,9 @@ class _HFDecoder:
         return out.logits[:, -1, :].float()
 
 
-def decoder_for(model, batch: int, max_len: int, static: bool = True):
+def decoder_for(model, batch: int, max_len: int, static: bool = True, exact: bool = False):
     if static and StaticKVDecoder.supports(model):
-        return StaticKVDecoder(model, batch, max_len)
+        return StaticKVDecoder(model, batch, max_len, exact)
     return _HFDecoder(model)
 
 
@@ -259,10 +269,13 @@ def sample(
     Returns ``(tokens, logprobs)``, both ``[batch, new_tokens]``; ``logprobs`` are under the
     model's own (temperature 1) distribution. ``vocab_limit`` masks padded embedding rows.
     Sampling does not stop at end-of-text: every row gets exactly ``new_tokens`` tokens.
-    ``sampler``: see :func:`draw`.
+    ``sampler``: see :func:`draw`; ``multinomial`` also decodes with the exact attention kernel
+    (:class:`StaticKVDecoder`), so that its draws are generate's.
     """
     device = prompts.device
-    step = decoder_for(model, prompts.shape[0], prompts.shape[1] + new_tokens, static_cache)
+    # the multinomial sampler promises generate's own draws, so it also takes the model's exact logits
+    step = decoder_for(model, prompts.shape[0], prompts.shape[1] + new_tokens, static_cache,
+                       exact=sampler == "multinomial")
     logits = step(prompts)
     tokens = torch.empty(prompts.shape[0], new_tokens, dtype=torch.long, device=device)
     logprobs = torch.empty(prompts.shape[0], new_tokens, dtype=torch.float32, device=device)
