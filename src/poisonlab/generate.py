@@ -170,7 +170,6 @@ class StaticKVDecoder:
         b, t = ids.shape
         start, end = self.pos, self.pos + t
         x = self.body.embed_tokens(ids)
-        cos, sin = self.cos[:, start:end], self.sin[:, start:end]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         for i, layer in enumerate(self.layers):
             mod = layer.layer
@@ -185,7 +184,7 @@ class StaticKVDecoder:
             else:
                 q, k, v = layer.qkv(h)
                 q, k = apply_rotary_pos_emb(q.view(b, t, -1, hd).transpose(1, 2), k.view(b, t, -1, hd).transpose(1, 2),
-                                            cos, sin)
+                                            self.cos[:, start:end], self.sin[:, start:end])
             cache_k, cache_v = self.k[i][rows], self.v[i][rows]
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
