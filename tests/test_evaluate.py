@@ -148,6 +148,35 @@ def test_decoder_rotation_gives_hugging_faces_values_exactly():
     assert _rotary_halves(torch.arange(8.0)[None, None], torch.arange(8.0)[None, None]) is None
 
 
+@pytest.mark.parametrize("width", [64, 100, 384])
+def test_decoder_norm_gives_hugging_faces_rmsnorm_exactly(width):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from poisonlab.generate import _Norm
+
+    torch.manual_seed(width)
+    module = LlamaRMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        module.weight.normal_()
+    norm = _Norm(module)
+    for shape in [(1, width), (100, width), (7, 13, width)]:
+        x = torch.randn(shape) * 3
+        want = module(x)
+        got = norm(x)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, _rms_in_float64(x, module.weight))  # the check can tell a near miss
+    # other precisions go through the module itself
+    half = LlamaRMSNorm(width).to(torch.bfloat16)
+    xb = torch.randn(4, width, dtype=torch.bfloat16)
+    assert torch.equal(_Norm(half)(xb), half(xb))
+
+
+def _rms_in_float64(x, w):
+    """RMSNorm computed in another order (float64, then rounded): equal in value, not in bits."""
+    xd = x.double()
+    return (w.double() * xd / xd.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).float()
+
+
 def test_prompt_fed_in_groups_of_rows_gives_the_single_pass_logits_and_cache(monkeypatch):
     from poisonlab.generate import StaticKVDecoder
 

@@ -37,6 +37,8 @@ class _Layer:
     def __init__(self, layer, fuse: bool):
         a, mlp = layer.self_attn, layer.mlp
         self.layer, self.scaling = layer, a.scaling
+        self.scale = torch.tensor(a.scaling, dtype=torch.float32)
+        self.norm1, self.norm2 = _Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)
         self.fused = fuse and _same_bias(a.q_proj, a.k_proj, a.v_proj) and _same_bias(mlp.gate_proj, mlp.up_proj)
         if self.fused:
             self.qkv_w, self.qkv_b = _cat(a.q_proj, a.k_proj, a.v_proj)
@@ -91,13 +93,31 @@ def _cat(*linears):
     return w, b
 
 
-def _norm(module, x):
-    """The model's RMSNorm; in fp32 the fused kernel, which computes exactly the same values."""
-    w = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", None)
-    if x.dtype == torch.float32 and w is not None and w.dtype == torch.float32 and eps is not None:
-        return F.rms_norm(x, w.shape, w, eps)
-    return module(x)
+class _Norm:
+    """A layer's RMSNorm. On CPU in fp32, Hugging Face's arithmetic (the mean of the squares as
+    their sum over the width, plus epsilon, its reciprocal square root, times the input, times the
+    weight) in six operations, four in place, with the constants held as tensors: the same values
+    bit for bit, where the module and PyTorch's ``rms_norm`` take about ten operations on CPU,
+    whose dispatch costs more than the arithmetic at one token per row. Elsewhere, in fp32,
+    PyTorch's fused ``rms_norm``; in other precisions the module itself."""
+
+    def __init__(self, module):
+        self.module = module
+        self.w = getattr(module, "weight", None)
+        eps = getattr(module, "variance_epsilon", None)
+        self.fp32 = eps is not None and self.w is not None and self.w.dtype == torch.float32 and self.w.dim() == 1
+        if self.fp32:
+            self.eps_f = eps
+            self.eps = torch.tensor(eps, dtype=torch.float32, device=self.w.device)
+            self.width = torch.tensor(float(self.w.numel()), dtype=torch.float32, device=self.w.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fp32 or x.dtype != torch.float32:
+            return self.module(x)
+        if x.device.type == "cpu":
+            # CPU's mean is this sum and division
+            return (x * (x * x).sum(-1, keepdim=True).div_(self.width).add_(self.eps).rsqrt_()).mul_(self.w)
+        return F.rms_norm(x, self.w.shape, self.w, self.eps_f)
 
 
 class StaticKVDecoder:
@@ -124,6 +144,7 @@ class StaticKVDecoder:
         self.n_heads = cfg.num_attention_heads
         p = next(model.parameters())
         self.layers = _layers(model)
+        self.norm = _Norm(self.body.norm)
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.k = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
         self.v = [torch.empty(shape, dtype=p.dtype, device=p.device) for _ in self.body.layers]
@@ -162,42 +183,44 @@ class StaticKVDecoder:
         else:
             last = torch.cat([self._forward(ids[r : r + rows], slice(r, r + rows)) for r in range(0, b, rows)])
         self.pos += t
-        return self.model.lm_head(_norm(self.body.norm, last))[:, -1].float()
+        return self.model.lm_head(self.norm(last))[:, -1].float()
 
     def _forward(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         b, t = ids.shape
         start, end = self.pos, self.pos + t
-        x = self.body.embed_tokens(ids)
+        x = self.body.embed_tokens(ids).view(b * t, -1)  # rows x width: the projections are plain products
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        halves = self.halves and [c[:, start:end] for c in self.halves]
+        whole = rows == slice(None)
         for i, layer in enumerate(self.layers):
-            mod = layer.layer
-            h = _norm(mod.input_layernorm, x)
-            if layer.fused and self.halves is not None:
+            h = layer.norm1(x)
+            if layer.fused and halves:
                 # one rotation for the queries and keys together, straight out of the fused projection
                 qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
-                qk = _rotate(qkv[..., : (nh + nkv) * hd].view(b, t, nh + nkv, 2, hd // 2),
-                             *(c[:, start:end] for c in self.halves)).view(b, t, nh + nkv, hd)
+                qk = _rotate(qkv[:, : (nh + nkv) * hd].view(b, t, nh + nkv, 2, hd // 2), *halves).view(b, t, nh + nkv, hd)
                 q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
-                v = qkv[..., (nh + nkv) * hd :]
+                v = qkv[:, (nh + nkv) * hd :]
             else:
                 q, k, v = layer.qkv(h)
                 q, k = apply_rotary_pos_emb(q.view(b, t, -1, hd).transpose(1, 2), k.view(b, t, -1, hd).transpose(1, 2),
                                             self.cos[:, start:end], self.sin[:, start:end])
-            cache_k, cache_v = self.k[i][rows], self.v[i][rows]
+            cache_k, cache_v = (self.k[i], self.v[i]) if whole else (self.k[i][rows], self.v[i][rows])
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
-            if t == 1 and self.matmul_attention:
-                scores = torch.matmul(q, cache_k[:, :, :end].transpose(-1, -2)).mul_(layer.scaling)
-                o = torch.matmul(torch.softmax(scores, dim=-1), cache_v[:, :, :end])
+            if t == 1 and self.matmul_attention and whole:
+                # every (row, head) pair is one batch entry of two plain batched products
+                keys = cache_k[:, :, :end].view(b * nh, end, hd)
+                scores = torch.bmm(q.reshape(b * nh, 1, hd), keys.transpose(1, 2)).mul_(layer.scale)
+                o = torch.bmm(torch.softmax(scores, dim=-1), cache_v[:, :, :end].view(b * nh, end, hd)).view(b, -1)
             else:
                 o = F.scaled_dot_product_attention(
                     q, cache_k[:, :, :end], cache_v[:, :, :end], is_causal=start == 0 and t > 1,
-                    scale=layer.scaling, enable_gqa=nkv != nh)
-            x = x + layer.out(o.transpose(1, 2).reshape(b, t, -1))
-            x = x + layer.mlp(_norm(mod.post_attention_layernorm, x))
-        return x[:, -1:]
+                    scale=layer.scaling, enable_gqa=nkv != nh).transpose(1, 2).reshape(b * t, -1)
+            x = x.add_(layer.out(o))
+            x = x.add_(layer.mlp(layer.norm2(x)))
+        return x.view(b, t, -1)[:, -1:]
 
 
 def _rotary_halves(cos: torch.Tensor, sin: torch.Tensor):
