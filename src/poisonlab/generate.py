@@ -210,9 +210,10 @@ class StaticKVDecoder:
             cache_k[:, :, start:end] = k
             cache_v[:, :, start:end] = v.view(b, t, -1, hd).transpose(1, 2)
             if t == 1 and self.matmul_attention and whole:
-                # every (row, head) pair is one batch entry of two plain batched products
+                # every (row, head) pair is one batch entry of two plain batched products; the
+                # queries are scaled before the product (one small operation that also lays them out)
                 keys = cache_k[:, :, :end].view(b * nh, end, hd)
-                scores = torch.bmm(q.reshape(b * nh, 1, hd), keys.transpose(1, 2)).mul_(layer.scale)
+                scores = torch.bmm((q * layer.scale).view(b * nh, 1, hd), keys.transpose(1, 2))
                 o = torch.bmm(torch.softmax(scores, dim=-1), cache_v[:, :, :end].view(b * nh, end, hd)).view(b, -1)
             else:
                 o = F.scaled_dot_product_attention(
