@@ -6,14 +6,24 @@ reference: ``model(input_ids, labels=...).loss.backward()`` and AdamW, the strai
 loop over the Hugging Face model. MFU is achieved model FLOP/s
 (6 x matmul parameters + attention, per token; PaLM's formula) over the fp32 matmul rate
 this process reaches in the same run (``common.matmul_flops``), or the device's bf16 peak.
+
+On CPU each size runs in a fresh process (:func:`run_in_fresh_process`), because poisonlab's
+training sets the C library's allocator for the rest of its process
+(:mod:`poisonlab.allocator`): the reference is measured first, as a plain script runs it,
+with the allocator's defaults; then the setting is applied and ours, the reference again
+(so the table shows what the setting alone gives) and the compiled loop are measured.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from common import cores, matmul_flops
+from poisonlab.allocator import keep_freed_memory
 from poisonlab.config import RunConfig
 from poisonlab.models import build_model, count_module_parameters, get_size, training_flops_per_token
 from poisonlab.train import compiled, make_optimizer, train_step
@@ -36,11 +46,6 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
     data = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
 
     torch.manual_seed(0)
-    ours = build_model(get_size(size), vocab).to(device)
-    opt = make_optimizer(ours, cfg)
-    ours_rate = _steps_per_s(lambda: train_step(ours, opt, data, batch, 1.0, autocast), steps)
-
-    torch.manual_seed(0)
     ref = build_model(get_size(size), vocab).to(device)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=cfg.train.lr)
 
@@ -53,7 +58,14 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    ref_rate = _steps_per_s(ref_step, steps)
+    ref_rate = _steps_per_s(ref_step, steps)  # the allocator as this process found it
+    kept = device == "cpu" and keep_freed_memory()  # as poisonlab's training sets it (train.keep_freed_memory)
+
+    torch.manual_seed(0)
+    ours = build_model(get_size(size), vocab).to(device)
+    opt = make_optimizer(ours, cfg)
+    ours_rate = _steps_per_s(lambda: train_step(ours, opt, data, batch, 1.0, autocast), steps)
+    ref_kept_rate = _steps_per_s(ref_step, steps) if kept else None
 
     compiled_rate, compile_s = None, None
     if compile:  # train.compile: the same loop through torch.compile (its compilation timed apart)
@@ -71,7 +83,11 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
         "size": size, "parameters": count_module_parameters(ours).total, "device": device,
         "ours_tok_s": ours_rate * tokens, "reference_tok_s": ref_rate * tokens, "speedup": ours_rate / ref_rate,
         "model_flops_per_token": flops_tok, "ours_flop_s": ours_rate * tokens * flops_tok,
+        "allocator_setting": kept,
     }
+    if ref_kept_rate:
+        out.update(reference_same_allocator_tok_s=ref_kept_rate * tokens,
+                   speedup_same_allocator=ours_rate / ref_kept_rate)
     if compiled_rate:
         out.update(compiled_tok_s=compiled_rate * tokens, compiled_speedup=compiled_rate / ref_rate,
                    compile_seconds=compile_s)
@@ -81,3 +97,16 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
         if compiled_rate:
             out["compiled_mfu"] = compiled_rate * tokens * flops_tok / peak_flops
     return out
+
+
+def _fresh(size: str, kwargs: dict) -> dict:
+    torch.set_num_threads(cores())
+    peak = matmul_flops()
+    return {**run(size, peak_flops=peak, **kwargs), "fp32_matmul_flop_s": peak}
+
+
+def run_in_fresh_process(size: str, **kwargs) -> dict:
+    """:func:`run` on CPU in a new interpreter (its allocator untouched), with the fp32 matmul
+    rate measured in that process as the MFU reference."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_fresh, size, kwargs).result()

@@ -36,6 +36,7 @@ from .models import build_model, count_module_parameters
 from .jsonl import append_jsonl, read_jsonl, write_jsonl
 from .run import Run, setup_run
 from .store import db_path, record_eval, record_run
+from .allocator import keep_freed_memory
 from .artifacts import make_label, read_label
 from .paths import atomic_write_text
 
@@ -81,9 +82,13 @@ def pick_device(cfg: RunConfig, d: Dist) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, name)
 
 
-def set_threads(cfg: RunConfig, d: Dist) -> int:
+def set_threads(cfg: RunConfig, d: Dist, device: torch.device) -> int:
+    """Threads for this process (the cores it may run on, shared among the local ranks) and,
+    on CPU, the allocator setting of ``train.keep_freed_memory``; returns the thread count."""
     n = cfg.train.threads or max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
     torch.set_num_threads(n)
+    if device.type == "cpu" and cfg.train.keep_freed_memory:
+        keep_freed_memory()
     return n
 
 
@@ -209,7 +214,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         return finetune(cfg, allow_code_change=allow_code_change)
     d = init_distributed(cfg.train.device)
     device, dtype = pick_device(cfg, d)
-    threads = set_threads(cfg, d)
+    threads = set_threads(cfg, d, device)
 
     # ---- the run directory (rank 0 creates it, the others then open it)
     if d.main:

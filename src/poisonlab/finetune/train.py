@@ -173,7 +173,7 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         return json.loads((d / "DONE").read_text())
     dist_ = Dist()
     device, dtype = pick_device(cfg, dist_)
-    threads = set_threads(cfg, dist_)
+    threads = set_threads(cfg, dist_, device)
     base = resolve_base(f.base)
     tok = Tokenizer.load(tokenizer_path(base))
     renderer = ChatRenderer(tok)
