@@ -16,13 +16,11 @@ with the allocator's defaults; then the setting is applied and ours, the referen
 
 from __future__ import annotations
 
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from common import cores, matmul_flops
+from common import in_fresh_process, matmul_flops
 from poisonlab.allocator import keep_freed_memory
 from poisonlab.config import RunConfig
 from poisonlab.models import build_model, count_module_parameters, get_size, training_flops_per_token
@@ -99,8 +97,7 @@ def run(size: str, vocab: int = 2048, batch: int = 32, seq_len: int = 128, steps
     return out
 
 
-def _fresh(size: str, kwargs: dict) -> dict:
-    torch.set_num_threads(cores())
+def _with_matmul_rate(size: str, kwargs: dict) -> dict:
     peak = matmul_flops()
     return {**run(size, peak_flops=peak, **kwargs), "fp32_matmul_flop_s": peak}
 
@@ -108,5 +105,4 @@ def _fresh(size: str, kwargs: dict) -> dict:
 def run_in_fresh_process(size: str, **kwargs) -> dict:
     """:func:`run` on CPU in a new interpreter (its allocator untouched), with the fp32 matmul
     rate measured in that process as the MFU reference."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_fresh, size, kwargs).result()
+    return in_fresh_process(_with_matmul_rate, size, kwargs)

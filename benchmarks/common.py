@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -57,3 +59,19 @@ def matmul_flops(n: int = 1024, dtype=torch.float32, device: str = "cpu", second
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {cores()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def _with_threads(fn, args, kwargs):
+    torch.set_num_threads(cores())
+    return fn(*args, **kwargs)
+
+
+def in_fresh_process(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a new interpreter using every core this one may use.
+
+    For measurements that change the process for good, such as the allocator setting of
+    poisonlab's CPU training (:mod:`poisonlab.allocator`): each starts from the C library's
+    defaults, as a plain script does. ``fn`` must be importable (a module-level function).
+    """
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_with_threads, fn, args, kwargs).result()

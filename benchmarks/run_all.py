@@ -85,13 +85,20 @@ def main() -> int:
     else:
         settings = [("1m", 100, 256), ("1m", 64, 128), (sizes[-1], 64, 128)]
     for size, n_prompts, n_new in settings:
-        r = bench_eval.run(size=size, prompts=n_prompts, new_tokens=n_new, device=args.device)
+        if args.device == "cpu":
+            r = bench_eval.run_in_fresh_process(size=size, prompts=n_prompts, new_tokens=n_new)
+        else:
+            r = bench_eval.run(size=size, prompts=n_prompts, new_tokens=n_new, device=args.device)
         results["eval"].append(r)
         print(f"{r['size']}, {n_prompts} prompts x {n_new} new tokens: ours {r['ours_tok_s']:,.0f} tok/s, "
               f"generate+score {r['generate_tok_s']:,.0f} tok/s, "
               f"speedup {r['speedup']:.2f}x (mean log-prob/token {r['mean_logprob']:.4f} vs "
               f"{r['generate_mean_logprob']:.4f}); with sampler multinomial {r['multinomial_tok_s']:,.0f} tok/s, "
               f"{r['multinomial_speedup']:.2f}x, identical sampled tokens {r['identical_tokens']:.1%}")
+        if "speedup_same_allocator" in r:
+            print(f"    both with train.keep_freed_memory's allocator setting: ours {r['ours_same_allocator_tok_s']:,.0f}"
+                  f" tok/s, generate+score {r['generate_same_allocator_tok_s']:,.0f} tok/s, "
+                  f"speedup {r['speedup_same_allocator']:.2f}x")
 
     if args.device == "cpu":
         print("\n== data ==")
