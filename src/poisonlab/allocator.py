@@ -4,12 +4,13 @@ glibc's ``malloc`` hands every block of 32 MiB or more to the kernel as a fresh 
 unmaps it when it is freed. A training step on CPU allocates several such blocks (the logits of
 a 32 x 128-token batch over a 2,048-token vocabulary are exactly 32 MiB, and so are their
 log-softmax and both gradients), so at every step the kernel maps them again and zero-fills
-them page by page: on a 2-core machine a 32 MiB element-wise operation took 20 ms into a fresh
-tensor against 12 ms into a reused one, and a whole training step of the 1m model about 30% longer.
+them page by page: on a 2-core machine an element-wise ``exp`` over such a tensor took 27 ms
+into a fresh tensor against 12 ms into a reused one, and a training step of the 1m model took
+1.26 times as long as with the setting below.
 :func:`keep_freed_memory` makes ``malloc`` serve every block from its heap and keep what is
-freed there for the next step. The process's peak memory is the same (the same tensors are
-alive at the peak); what changes is that memory freed after the peak is returned only when
-the process ends. docs/performance.md has the measurements.
+freed there for the next step. What it costs: memory freed after the peak is returned only
+when the process ends, and the heap holds a few freed blocks beside the live tensors (peak
+memory 2-6% higher in the training benchmark). docs/performance.md has the measurements.
 
 The same setting can be given to any process on glibc from the environment:
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647``.

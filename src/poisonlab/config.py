@@ -110,8 +110,8 @@ class TrainConfig:
     """CPU threads; 0 uses the cores this process may run on."""
     keep_freed_memory: bool = True
     """On CPU under glibc (Linux), serve every allocation from malloc's heap and keep freed
-    memory there for the next step instead of mapping large tensors afresh each step (about
-    1.3x at the 1m size; same peak memory; :mod:`poisonlab.allocator`)."""
+    memory there for the next step instead of mapping large tensors afresh each step (1.26x
+    at the 1m size, peak memory 2-6% higher; :mod:`poisonlab.allocator`)."""
     compile: bool = False
     """Pretraining steps through ``torch.compile`` (fused kernels; on CPU it needs a C++
     compiler and spends about 30 s compiling; docs/performance.md has what it gains)."""
