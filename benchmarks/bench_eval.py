@@ -75,7 +75,7 @@ def run(size: str = "1m", vocab: int = 2048, prompts: int = 100, prompt_tokens: 
         b = best_times(again)
         same = {"ours_same_allocator_tok_s": n / b["ours"], "generate_same_allocator_tok_s": n / b["reference"],
                 "speedup_same_allocator": b["reference"] / b["ours"]}
-    return {**same,
+    return {
         "size": size, "device": device, "prompts": prompts, "new_tokens": new_tokens,
         "ours_tok_s": n / t_o, "generate_tok_s": n / t_r, "speedup": t_r / t_o,
         # the default sampler draws other tokens from the same distribution: compare the mean
@@ -84,6 +84,7 @@ def run(size: str = "1m", vocab: int = 2048, prompts: int = 100, prompt_tokens: 
         "multinomial_tok_s": n / t_m, "multinomial_speedup": t_r / t_m,
         "identical_tokens": float((tok_m == tok_r).float().mean()),
         "max_logprob_diff": float((lp_m - lp_r).abs().max()) if torch.equal(tok_m, tok_r) else None,
+        **same,
     }
 
 

@@ -260,6 +260,7 @@ class RunConfig:
         d.pop("name")
         d.pop("out_dir")
         d["train"].pop("progress")
+        d["train"].pop("keep_freed_memory")  # where memory comes from, not what is computed
         # keys added later drop out at their defaults, so older runs keep their hash
         if d["defense"] == dataclasses.asdict(DefenseConfig()):
             d.pop("defense")
