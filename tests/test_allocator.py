@@ -1,4 +1,3 @@
-import platform
 import subprocess
 import sys
 
@@ -26,8 +25,7 @@ y = torch.ones(16 * 2**20)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, float(y.sum()))
 """
 
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
-                           reason="the setting exists only under glibc")
+glibc = pytest.mark.skipif(not allocator.on_glibc(), reason="the setting exists only under glibc")
 
 
 def _second_fill_faults(mode: str) -> int:

@@ -29,6 +29,11 @@ _NEVER = 2**31 - 1
 _applied = False
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, the only C library the setting exists in."""
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def keep_freed_memory() -> bool:
     """Serve all allocations of this process from malloc's heap and never trim it (glibc only).
 
@@ -39,7 +44,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
