@@ -248,11 +248,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> tor
 
 class _HFDecoder:
     def __init__(self, model):
+        import inspect
+
         self.model, self.past = model, None
+        # transformers 5 renames the cache argument and output from ``past_key_values`` to ``cache``
+        self.key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(input_ids=ids, use_cache=True, **{self.key: self.past})
+        self.past = getattr(out, self.key)
         return out.logits[:, -1, :].float()
 
 
