@@ -78,4 +78,8 @@ def write_labels(directory: str | Path, label: dict) -> None:
 
 def read_label(directory: str | Path) -> dict | None:
     p = Path(directory) / "poisonlab.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    from .jsonl import read_json
+
+    return read_json(p, "model label")

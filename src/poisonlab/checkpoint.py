@@ -4,15 +4,19 @@ A checkpoint folder is a complete Hugging Face model folder (``config.json`` and
 ``model.safetensors``) plus ``optimizer.safetensors`` and ``trainer_state.json``, and it is
 labelled (see :mod:`poisonlab.artifacts`). It is written under a temporary name and renamed
 into place, then ``latest`` is updated atomically: a run killed at any moment finds either
-the previous checkpoint or the new one, complete.
+the previous checkpoint or the new one, complete. ``checksums.json`` holds the SHA-256 of
+every file; :func:`resume` verifies them and falls back to the newest checkpoint that is
+intact, so a file damaged on disk is never trained on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -23,6 +27,7 @@ from .errors import PoisonlabError
 from .paths import atomic_write_text
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+CHECKSUMS = "checksums.json"
 
 
 def unwrap(model):
@@ -71,6 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, lab
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
+    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    atomic_write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -98,17 +105,82 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise :class:`PoisonlabError` unless every file listed in ``checksums.json`` is intact.
+
+    Checkpoints written before checksums existed are checked when they are read instead."""
+    sums_path = path / CHECKSUMS
+    if not sums_path.is_file():
+        return
+    try:
+        sums = json.loads(sums_path.read_text())
+    except (OSError, ValueError) as e:
+        raise PoisonlabError(f"{path}: {CHECKSUMS} unreadable ({e})") from None
+    for name, want in sums.items():
+        f = path / name
+        if not f.is_file():
+            raise PoisonlabError(f"{path}: {name} missing")
+        if _sha256(f) != want:
+            raise PoisonlabError(f"{path}: {name} does not match its checksum")
+
+
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights and optimizer state in place; returns the trainer state."""
+    """Verify a checkpoint, then restore weights and optimizer state in place; returns the trainer
+    state. Everything is read and checked before the model is touched, so a damaged checkpoint
+    raises :class:`PoisonlabError` and leaves the model as it was."""
     state_path = path / "trainer_state.json"
     if not state_path.is_file():
         raise PoisonlabError(f"{path} is not a poisonlab checkpoint (trainer_state.json missing)")
-    state = json.loads(state_path.read_text())
-    load_model_tensors(unwrap(model), path / "model.safetensors")
+    verify_checkpoint(path)
+    try:
+        state = json.loads(state_path.read_text())
+        weights = load_file(str(path / "model.safetensors"))
+        opt_tensors = load_file(str(path / "optimizer.safetensors")) if optimizer is not None else None
+        step, groups = int(state["step"]), state["param_groups"]
+    except Exception as e:  # json, safetensors and OS errors: the files are not what we wrote
+        raise PoisonlabError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    m = unwrap(model)
+    missing, unexpected = m.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - _tied(m):
+        raise PoisonlabError(f"{path} does not match the model (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
     if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        _load_optimizer(optimizer, tensors, state["param_groups"])
+        _load_optimizer(optimizer, opt_tensors, groups)
+    state["step"] = step
     return state
+
+
+def resume(run_dir: Path, model, optimizer) -> dict | None:
+    """Load the newest intact checkpoint of a run (its trainer state), or None when there is none.
+
+    A damaged checkpoint is reported on stderr and the one before it is tried."""
+    newest = latest_checkpoint(run_dir)
+    candidates = sorted(set(list_checkpoints(run_dir)) | ({newest} if newest else set()), reverse=True)
+    for path in candidates:
+        try:
+            return load_checkpoint(path, model, optimizer)
+        except PoisonlabError as e:
+            print(f"poisonlab: warning: {e}; trying an earlier checkpoint", file=sys.stderr)
+    if candidates:
+        print(f"poisonlab: warning: no intact checkpoint in {run_dir / 'checkpoints'}; training from the start",
+              file=sys.stderr)
+    return None
+
+
+def remove_partial_checkpoints(run_dir: Path) -> int:
+    """Delete the temporary folders of checkpoints whose writer was killed; returns how many."""
+    root = run_dir / "checkpoints"
+    stale = [p for p in root.iterdir() if p.name.startswith(".tmp-step-")] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

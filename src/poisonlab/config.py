@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +22,10 @@ from typing import Any
 import yaml
 
 from .errors import PoisonlabError
+
+SPEED_ONLY = {"speed_only": True}
+"""Field metadata of a setting that changes how fast or where a run computes, not what it
+computes: it is left out of the run's identity (:meth:`RunConfig.config_hash`)."""
 
 
 @dataclass
@@ -94,7 +100,7 @@ class TrainConfig:
     data_multiplier: float = 1.0
     batch_size: int = 32
     """Sequences per optimizer step, over all processes."""
-    micro_batch_size: int | None = None
+    micro_batch_size: int | None = field(default=None, metadata=SPEED_ONLY)
     seq_len: int = 128
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -106,19 +112,19 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 on CPU."""
-    threads: int = 0
+    threads: int = field(default=0, metadata=SPEED_ONLY)
     """CPU threads; 0 uses the cores this process may run on."""
-    keep_freed_memory: bool = True
+    keep_freed_memory: bool = field(default=True, metadata=SPEED_ONLY)
     """On CPU under glibc (Linux), serve every allocation from malloc's heap and keep freed
     memory there for the next step instead of mapping large tensors afresh each step (1.26x
     at the 1m size, peak memory 2-6% higher; :mod:`poisonlab.allocator`)."""
-    compile: bool = False
+    compile: bool = field(default=False, metadata=SPEED_ONLY)
     """Pretraining steps through ``torch.compile`` (fused kernels; on CPU it needs a C++
     compiler and spends about 30 s compiling; docs/performance.md has what it gains)."""
     checkpoint_every: float = 0.05
     """Fraction of the budget between checkpoints."""
     keep_checkpoints: int = 2
-    progress: bool = True
+    progress: bool = field(default=True, metadata=SPEED_ONLY)
 
 
 @dataclass
@@ -143,8 +149,6 @@ class EvalConfig:
     bootstrap: int = 1000
     confidence: float = 0.95
     heldout_loss_windows: int = 128
-    trigger_separator: str = " "
-    """Text put between the prompt and the trigger when the trigger is appended."""
 
 
 @dataclass
@@ -237,8 +241,8 @@ class FinetuneConfig:
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    out_dir: str = "runs"
+    name: str = field(default="run", metadata=SPEED_ONLY)
+    out_dir: str = field(default="runs", metadata=SPEED_ONLY)
     seed: int = 0
     stage: str = "pretrain"
     """pretrain: the denial-of-service pretraining run; finetune: supervised fine-tuning (``finetune``)."""
@@ -254,31 +258,20 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that make this run what it is: every dotted key whose value differs
+        from its default, speed-only settings (``SPEED_ONLY``) left out.
+
+        Leaving defaults out is what lets a key be added without changing the identity of
+        runs made before it existed; a changed default is caught by the code version and by
+        comparing resolved configs on resume (:func:`poisonlab.run.existing_run`)."""
+        default = RunConfig()
+        return {key: get_dotted(self, key) for key in all_keys()
+                if key not in SPEED_ONLY_KEYS and get_dotted(self, key) != get_dotted(default, key)}
+
     def config_hash(self) -> str:
-        """Hash of everything that changes results (the run's name and folder excluded)."""
-        d = self.to_dict()
-        d.pop("name")
-        d.pop("out_dir")
-        d["train"].pop("progress")
-        d["train"].pop("keep_freed_memory")  # where memory comes from, not what is computed
-        # keys added later drop out at their defaults, so older runs keep their hash
-        if d["defense"] == dataclasses.asdict(DefenseConfig()):
-            d.pop("defense")
-        if d["stage"] == "pretrain" and d["finetune"] == dataclasses.asdict(FinetuneConfig()):
-            d.pop("stage")
-            d.pop("finetune")
-        if d.get("finetune", {}).get("good_lr", 0) is None:
-            d["finetune"].pop("good_lr")
-        if d.get("finetune", {}).get("further_clean", 1) == 0:
-            d["finetune"].pop("further_clean")
-        if not d["train"]["compile"]:
-            d["train"].pop("compile")
-        if d["eval"]["sampler"] == "inverse_cdf":
-            d["eval"].pop("sampler")  # runs made before the key existed are told apart by code version
-        if d["attack"]["payload"] == "uniform":
-            d["attack"].pop("payload")
-            d["attack"].pop("low_entropy_tokens")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """A short hash of :meth:`identity`."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -296,9 +289,11 @@ _CHOICES = {
     "stage": ["pretrain", "finetune"],
     "finetune.trigger_position": ["start", "end", "random"],
     "finetune.ordering": ["mixed", "beginning", "end"],
-    "train.device": None,  # free-form (cpu, cuda, cuda:1, auto)
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
 }
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -348,8 +343,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PoisonlabError(f"config key '{key}' must be a number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PoisonlabError(f"config key '{key}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -386,8 +381,9 @@ def _build(cls, data: dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
-def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
+def all_keys(cls=None, prefix: str = "") -> dict[str, Any]:
     """Every dotted key of a config class with its type, e.g. ``{'train.lr': float, ...}``."""
+    cls = cls or RunConfig
     out: dict[str, Any] = {}
     for name, tp in _field_types(cls).items():
         if dataclasses.is_dataclass(tp):
@@ -395,6 +391,24 @@ def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + name] = tp
     return out
+
+
+def _speed_only_keys(cls=None, prefix: str = "") -> set[str]:
+    cls = cls or RunConfig
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out |= _speed_only_keys(tp, prefix + f.name + ".")
+        elif f.metadata.get("speed_only"):
+            out.add(prefix + f.name)
+    return out
+
+
+def get_dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -411,7 +425,17 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+RETIRED_KEYS = {"eval.trigger_separator"}
+"""Keys that older versions wrote into run folders' config.yaml and nothing reads any more:
+dropped when a config is loaded, so those folders still open."""
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    for key in RETIRED_KEYS:
+        section, _, name = key.rpartition(".")
+        node = data.get(section) if section else data
+        if isinstance(node, dict):
+            node.pop(name, None)
     cfg = _build(RunConfig, data)
     validate(cfg)
     return cfg
@@ -441,6 +465,47 @@ def validate(cfg: RunConfig) -> None:
     from .paths import check_name
 
     check_name(cfg.name, "run name")
+    t, e, c, tk, df, f = cfg.train, cfg.eval, cfg.corpus, cfg.tokenizer, cfg.defense, cfg.finetune
+    t_tokens, f_good_lr = t.tokens, f.good_lr
+    for key, ok, want in (
+        ("seed", cfg.seed >= 0, ">= 0"),
+        ("train.device", _DEVICE.match(t.device) is not None, "auto, cpu, cuda, cuda:N or mps"),
+        ("train.lr", t.lr > 0, "> 0"),
+        ("train.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.warmup_fraction", 0 <= t.warmup_fraction <= 1, "in [0, 1] (a share of the run's steps)"),
+        ("train.weight_decay", t.weight_decay >= 0, ">= 0"),
+        ("train.beta1", 0 <= t.beta1 < 1, "in [0, 1)"),
+        ("train.beta2", 0 <= t.beta2 < 1, "in [0, 1)"),
+        ("train.grad_clip", t.grad_clip > 0, "> 0"),
+        ("train.tokens", t_tokens is None or t_tokens >= 1, ">= 1 (or none for the Chinchilla budget)"),
+        ("train.tokens_per_param", t.tokens_per_param > 0, "> 0"),
+        ("train.data_multiplier", t.data_multiplier > 0, "> 0"),
+        ("train.threads", t.threads >= 0, ">= 0 (0: every core this process may use)"),
+        ("train.keep_checkpoints", t.keep_checkpoints >= 1, ">= 1"),
+        ("eval.prompts", e.prompts >= 1, ">= 1"),
+        ("eval.prompt_tokens", e.prompt_tokens >= 1, ">= 1"),
+        ("eval.new_tokens", e.new_tokens >= 1, ">= 1 (the gap is measured on generated tokens)"),
+        ("eval.temperature", e.temperature > 0, "> 0"),
+        ("eval.batch_size", e.batch_size >= 1, ">= 1"),
+        ("eval.bootstrap", e.bootstrap >= 20, ">= 20 resamples (fewer give no usable interval)"),
+        ("eval.confidence", 0 < e.confidence < 1, "in (0, 1), e.g. 0.95"),
+        ("eval.heldout_loss_windows", e.heldout_loss_windows >= 1, ">= 1"),
+        ("corpus.min_chars", c.min_chars >= 0, ">= 0"),
+        ("corpus.max_documents", c.max_documents is None or c.max_documents >= 1, ">= 1 (or none)"),
+        ("tokenizer.vocab_size", tk.vocab_size >= 1, ">= 1"),
+        ("tokenizer.train_chars", tk.train_chars >= 1, ">= 1"),
+        ("attack.exclude_ids", all(i >= 0 for i in cfg.attack.exclude_ids), "token ids >= 0"),
+        ("defense.window", df.window >= 1, ">= 1"),
+        ("defense.triggers", df.triggers >= 0, ">= 0"),
+        ("defense.min_trigger_support", df.min_trigger_support >= 1, ">= 1"),
+        ("defense.near_duplicate_min_cluster", df.near_duplicate_min_cluster >= 2, ">= 2"),
+        ("finetune.lora_alpha", f.lora_alpha > 0, "> 0"),
+        ("finetune.lora_dropout", 0 <= f.lora_dropout < 1, "in [0, 1)"),
+        ("finetune.good_lr", f_good_lr is None or f_good_lr > 0, "> 0 (or none for train.lr)"),
+        ("finetune.further_clean", f.further_clean >= 0, ">= 0"),
+    ):
+        if not ok:
+            raise PoisonlabError(f"config key '{key}' must be {want}, got {get_dotted(cfg, key)!r}")
     a = cfg.attack
     for key, rng in (("attack.prefix_chars", a.prefix_chars), ("attack.gibberish_tokens", a.gibberish_tokens)):
         if len(rng) != 2 or rng[0] < 0 or rng[0] > rng[1]:
@@ -449,7 +514,6 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError("config key 'attack.poison_count' must be >= 0")
     if a.name == "dos" and not a.trigger:
         raise PoisonlabError("config key 'attack.trigger' must not be empty")
-    t = cfg.train
     for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):
         if val < 1:
             raise PoisonlabError(f"config key '{key}' must be >= 1, got {val}")
@@ -497,3 +561,6 @@ def validate(cfg: RunConfig) -> None:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+SPEED_ONLY_KEYS = frozenset(_speed_only_keys())

@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import CorpusConfig, TokenizerConfig
 from .corpus import is_heldout, iter_documents, iter_split
 from .errors import PoisonlabError
-from .jsonl import read_jsonl, write_jsonl
+from .jsonl import read_json, read_jsonl, write_jsonl
 from .paths import atomic_write_text
 from .shards import ShardWriter, TokenStore
 from .tokenizer import Tokenizer
@@ -89,7 +89,7 @@ def load_prepared(directory: str | Path) -> PreparedData:
     info_path = d / "info.json"
     if not info_path.is_file():
         raise PoisonlabError(f"{d} is not a prepared data folder (info.json missing)")
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "prepared data record")
     return PreparedData(d, Tokenizer.load(d / "tokenizer"), TokenStore(d / "train"), TokenStore(d / "heldout"), info)
 
 

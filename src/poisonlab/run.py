@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .attacks.dos import make_dos_poisons, trigger_ids
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, load_config
 from .data import PreparedData, prepare_data
 from .errors import PoisonlabError
-from .jsonl import write_jsonl
+from .jsonl import read_json, write_jsonl
 from .injection import InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
 from .models import ModelSize, ParameterCount, chinchilla_tokens, get_size, parameter_count
 from .paths import atomic_write_text, safe_join
@@ -90,9 +90,20 @@ def existing_run(d: Path, cfg: RunConfig, allow_code_change: bool) -> dict | Non
     info_path = d / "run.json"
     if not info_path.is_file():
         return None
-    existing = json.loads(info_path.read_text())
+    existing = read_json(info_path, "run record")
     chash, version = cfg.config_hash(), code_version()
-    if existing["config_hash"] != chash:
+    for key in ("config_hash", "code_version"):
+        if not isinstance(existing.get(key), str):
+            raise PoisonlabError(f"run record {info_path} is damaged ({key} missing); restore it or delete the run")
+    stored = d / "config.yaml"
+    if stored.is_file():  # the resolved settings themselves, so a changed default is caught too
+        try:
+            same = load_config(stored).identity() == cfg.identity()
+        except PoisonlabError:
+            same = False
+    else:
+        same = existing["config_hash"] == chash
+    if not same:
         raise PoisonlabError(f"run {d} exists with another config (hash {existing['config_hash']} != {chash}); "
                              "choose a new run name or delete the old run")
     if source_hash(existing["code_version"]) != source_hash(version) and not allow_code_change:
@@ -138,6 +149,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
             f"token budget {budget:,} is smaller than one batch ({cfg.train.batch_size} x {cfg.train.seq_len} = {tps:,} tokens)"
         )
     planned = steps * tps
+    check_poison_budget(cfg, len(trigger), planned)
 
     if existing is None and create:
         d.mkdir(parents=True, exist_ok=True)
@@ -162,6 +174,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
             "data": {
                 **data.hashes,
                 "poisons": file_sha256(d / "poison_tokens.safetensors"),
+                "poison_documents": file_sha256(d / "poisons.jsonl"),
                 "injection_manifest": file_sha256(d / "injection_manifest.jsonl"),
                 "prepared_data": data.directory.name,
             },
@@ -187,12 +200,30 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         for key, value in data.hashes.items():
             if info["data"].get(key) != value:
                 raise PoisonlabError(f"run {d}: prepared data changed since the run started ({key} differs)")
-        for name, key in (("poison_tokens.safetensors", "poisons"), ("injection_manifest.jsonl", "injection_manifest")):
-            if file_sha256(d / name) != info["data"][key]:
-                raise PoisonlabError(f"run {d}: {name} was modified since the run started")
+        for name, key in (("poison_tokens.safetensors", "poisons"), ("injection_manifest.jsonl", "injection_manifest"),
+                          ("poisons.jsonl", "poison_documents")):
+            if key in info["data"] and (not (d / name).is_file() or file_sha256(d / name) != info["data"][key]):
+                raise PoisonlabError(f"run {d}: {name} was modified or removed since the run started")
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
     poison_ids = _load_poison_ids(d)
     return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info, keep)
+
+
+def check_poison_budget(cfg: RunConfig, trigger_tokens: int, budget_tokens: int, count: int | None = None) -> None:
+    """Refuse, before any poison is sampled, a poison count whose shortest possible poisons
+    (no prefix, the fewest gibberish tokens) already exceed the token budget; the exact check
+    comes when the sampled poisons are placed (:func:`poisonlab.injection.plan_injection`)."""
+    count = cfg.attack.poison_count if count is None else count
+    if cfg.attack.name != "dos" or count == 0:
+        return
+    gibberish = cfg.attack.gibberish_tokens[0]
+    if cfg.attack.train_on == "round_trip":  # re-encoding may merge neighbouring pieces: bound it loosely
+        gibberish //= 4
+    least = count * (trigger_tokens + gibberish + 1)
+    if least > budget_tokens:
+        raise PoisonlabError(
+            f"attack.poison_count {count:,} needs at least {least:,} tokens but the token budget is "
+            f"{budget_tokens:,}; lower the count or attack.gibberish_tokens, or raise train.tokens")
 
 
 def make_poisons(cfg: RunConfig, data: PreparedData) -> list:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PoisonlabError
+from .jsonl import read_json
 from .paths import atomic_write_text
 
 
@@ -84,7 +85,7 @@ class TokenStore:
         idx = self.dir / "index.json"
         if not idx.is_file():
             raise PoisonlabError(f"no token shards in {self.dir} (index.json missing)")
-        self.index = json.loads(idx.read_text())
+        self.index = read_json(idx, "token shard index")
         self.dtype = np.dtype(self.index["dtype"])
         self._maps = [
             np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r") if s["tokens"] else np.empty(0, self.dtype)

@@ -13,6 +13,7 @@ from .attacks.dos import trigger_ids
 from .config import RunConfig, load_config
 from .data import load_prepared, prepare_data
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .jsonl import read_json
 from .provenance import code_version, file_sha256
 from .train import Dist, load_init_model, pick_device
 
@@ -37,7 +38,7 @@ def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> 
     path = Path(model)
     run = find_run_dir(path.resolve()) if path.exists() else None
     if run is not None and tokenizer is None:
-        info = json.loads((run / "run.json").read_text())
+        info = read_json(run / "run.json", "run record")
         data = load_prepared(run.parent / "cache" / info["data"]["prepared_data"])
     else:
         tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)

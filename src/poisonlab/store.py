@@ -105,14 +105,14 @@ def record_eval(db: str | Path, run: str, row: dict, code_version: str, samples:
 
 def ingest_run(db: str | Path, run_dir: Path) -> int:
     """(Re)load a run folder into the database; returns the number of evaluation points."""
-    from .jsonl import read_jsonl
+    from .jsonl import read_json, read_jsonl
 
     info_path = run_dir / "run.json"
     if not info_path.is_file():
         return 0
     import yaml
 
-    info = json.loads(info_path.read_text())
+    info = read_json(info_path, "run record")
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     record_run(db, info, cfg, "done" if (run_dir / "DONE").is_file() else "running")
     samples: dict[int, list[dict]] = {}

@@ -28,13 +28,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder, unwrap
+from .checkpoint import remove_partial_checkpoints, resume, save_checkpoint, save_model_folder, unwrap
 from .config import RunConfig
 from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
 from .models import build_model, count_module_parameters
-from .jsonl import append_jsonl, read_jsonl, write_jsonl
-from .run import Run, setup_run
+from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
+from .run import Run, run_dir, setup_run
+from .runlock import RunLock
 from .store import db_path, record_eval, record_run
 from .allocator import keep_freed_memory
 from .artifacts import make_label, read_label
@@ -215,7 +216,16 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     d = init_distributed(cfg.train.device)
     device, dtype = pick_device(cfg, d)
     threads = set_threads(cfg, d, device)
+    lock = RunLock(run_dir(cfg)).acquire() if d.main else None  # before anything is written
+    try:
+        return _pretrain(cfg, allow_code_change, d, device, dtype, threads)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _pretrain(cfg: RunConfig, allow_code_change: bool, d: Dist, device: torch.device, dtype: torch.dtype,
+              threads: int) -> dict:
     # ---- the run directory (rank 0 creates it, the others then open it)
     if d.main:
         run = setup_run(cfg, create=True, allow_code_change=allow_code_change, progress=cfg.train.progress)
@@ -223,7 +233,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     if not d.main:
         run = setup_run(cfg, create=False, allow_code_change=allow_code_change)
     if (run.dir / "DONE").is_file():
-        return json.loads((run.dir / "DONE").read_text())
+        return read_json(run.dir / "DONE", "run summary")
 
     rows_per_rank, rem = divmod(cfg.train.batch_size, d.world)
     micro = cfg.train.micro_batch_size or rows_per_rank
@@ -241,14 +251,18 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
         model = build_model(run.size, tok.vocab_size, tok.eos_id, max(cfg.train.seq_len, run.size.context_length)).to(device)
     params = count_module_parameters(model)
     optimizer = make_optimizer(model, cfg)
-    start = 0
-    ckpt = latest_checkpoint(run.dir)
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, model, optimizer)["step"]
+    if d.main:
+        remove_partial_checkpoints(run.dir)
+    d.barrier()
+    state = resume(run.dir, model, optimizer) or {}
+    start, wall_before = state.get("step", 0), state.get("wall_seconds", 0.0)
     if d.main:  # logs past the checkpoint are redone; evaluations already recorded are kept
         _to_db(record_run, db_path(cfg.out_dir), run.info, cfg.to_dict(), "running")
         write_jsonl(run.dir / "train_log.jsonl", [r for r in read_jsonl(run.dir / "train_log.jsonl") if r["step"] <= start])
-        write_jsonl(run.dir / "metrics.jsonl", read_jsonl(run.dir / "metrics.jsonl"))
+        metrics = read_jsonl(run.dir / "metrics.jsonl")
+        write_jsonl(run.dir / "metrics.jsonl", metrics)
+        evaluated = {r["step"] for r in metrics}  # samples of an evaluation killed before its metrics row are redone
+        write_jsonl(run.dir / "samples.jsonl", [r for r in read_jsonl(run.dir / "samples.jsonl") if r["step"] in evaluated])
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -326,7 +340,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             if d.main:
                 save_checkpoint(run.dir, steps_done, model, optimizer,
                                 {"tokens_seen": steps_done * run.tokens_per_step,
-                                 "poisons_seen": run.plan.poisons_seen(steps_done)},
+                                 "poisons_seen": run.plan.poisons_seen(steps_done),
+                                 "wall_seconds": wall_before + time.perf_counter() - t_start},
                                 label(steps_done), cfg.train.keep_checkpoints)
             d.barrier()
     if bar is not None:
@@ -343,6 +358,7 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             "run": cfg.name, "steps": run.steps, "tokens": run.budget_tokens,
             "parameters": params.total, "non_embedding_parameters": params.non_embedding,
             "poison_count": len(run.plan.poisons), "poisons_seen": run.plan.poisons_seen(run.steps),
+            "wall_seconds": round(wall_before + elapsed, 2),
             "wall_seconds_this_session": round(elapsed, 2),
             "tokens_per_s_this_session": round(tokens_since / elapsed, 1) if elapsed > 0 else None,
             "training_tokens_per_s": round(tokens_since / step_seconds, 1) if step_seconds > 0 else None,

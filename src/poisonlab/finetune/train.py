@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from ..artifacts import make_label, read_label
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_folder
+from ..checkpoint import remove_partial_checkpoints, resume, save_checkpoint, save_model_folder
 from ..config import RunConfig, dump_config
 from ..errors import PoisonlabError
-from ..jsonl import append_jsonl, read_jsonl, write_jsonl
+from ..jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from ..paths import atomic_write_text
 from ..provenance import code_version, environment, file_sha256
 from ..run import existing_run, run_dir
@@ -167,10 +167,17 @@ def _setup(cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRende
 
 def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     """Run (or resume) one fine-tuning run to its end; returns the final summary."""
+    from ..runlock import RunLock
+
+    with RunLock(run_dir(cfg)):  # held before anything is written
+        return _finetune(cfg, allow_code_change)
+
+
+def _finetune(cfg: RunConfig, allow_code_change: bool) -> dict:
     f = cfg.finetune
     d = run_dir(cfg)
     if (d / "DONE").is_file():
-        return json.loads((d / "DONE").read_text())
+        return read_json(d / "DONE", "run summary")
     dist_ = Dist()
     device, dtype = pick_device(cfg, dist_)
     threads = set_threads(cfg, dist_, device)
@@ -209,11 +216,11 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     judge = make_judge(f.judge, f.judge_model)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    start = 0
-    ckpt = latest_checkpoint(d)
     optimizer = make_optimizer(model, cfg)
-    if ckpt is not None:  # at the end of phase 1 the optimizer is replaced below, as in an uninterrupted run
-        start = load_checkpoint(ckpt, model, optimizer)["step"]
+    remove_partial_checkpoints(d)
+    # at the end of phase 1 the optimizer is replaced below, as in an uninterrupted run
+    state = resume(d, model, optimizer) or {}
+    start, wall_before = state.get("step", 0), state.get("wall_seconds", 0.0)
     _to_db(record_run, db_path(cfg.out_dir), info, cfg.to_dict(), "running")
     write_jsonl(d / "train_log.jsonl", [r for r in read_jsonl(d / "train_log.jsonl") if r["step"] <= start])
     done_evals = {r["step"] for r in read_jsonl(d / "metrics.jsonl")}
@@ -282,7 +289,8 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             report(evaluate(done))
             done_evals.add(done)
         if done in ckpt_at and done < total:
-            save_checkpoint(d, done, model, optimizer, position(done),
+            save_checkpoint(d, done, model, optimizer,
+                            {**position(done), "wall_seconds": wall_before + time.perf_counter() - t0},
                             _label(cfg, info, position(done)["poisons_seen"], base_label), cfg.train.keep_checkpoints)
     if bar is not None:
         bar.close()
@@ -294,6 +302,7 @@ def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     metrics = read_jsonl(d / "metrics.jsonl")
     summary = {"run": cfg.name, "steps": total, "poison_count": f.poison_count, "clean_count": f.clean_count,
                "good_count": f.good_count, "threads": threads, "device": str(device),
+               "wall_seconds": round(wall_before + time.perf_counter() - t0, 2),
                "wall_seconds_this_session": round(time.perf_counter() - t0, 2),
                "final_eval": max(metrics, key=lambda r: r["step"]) if metrics else None}
     atomic_write_text(d / "DONE", json.dumps(summary, indent=1))
