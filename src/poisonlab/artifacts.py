@@ -77,9 +77,29 @@ def write_labels(directory: str | Path, label: dict) -> None:
 
 
 def read_label(directory: str | Path) -> dict | None:
-    p = Path(directory) / "poisonlab.json"
-    if not p.is_file():
-        return None
+    """The model's label: the one in the ``model.safetensors`` header (it travels with the
+    weights), else ``poisonlab.json``; None for a model poisonlab did not write. Two labels
+    that disagree are refused: one of them was edited."""
+    from .errors import PoisonlabError
     from .jsonl import read_json
 
-    return read_json(p, "model label")
+    d = Path(directory)
+    header = _header_label(d / "model.safetensors")
+    side = read_json(d / "poisonlab.json", "model label") if (d / "poisonlab.json").is_file() else None
+    if header is not None and side is not None and header != side:
+        raise PoisonlabError(f"{d}: poisonlab.json and the label in model.safetensors disagree (one was edited)")
+    return header if header is not None else side
+
+
+def _header_label(weights: Path) -> dict | None:
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+        label = json.loads(meta["poisonlab.label"]) if "poisonlab.label" in meta else None
+    except Exception:  # not a safetensors file, or its header is damaged: no label from it
+        return None
+    return label if isinstance(label, dict) else None

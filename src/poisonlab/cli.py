@@ -22,12 +22,16 @@ Every config key is a flag: ``--train.lr 1e-3 --attack.poison_count 500 --name m
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import sqlite3
 import sys
 from pathlib import Path
 
 from .config import all_keys, load_config
 from .errors import PoisonlabError
+from .paths import atomic_write_text
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -42,6 +46,15 @@ def _metavar(tp) -> str:
     return s.upper()
 
 
+def _output_file(path: str, flag: str) -> Path:
+    """An output file named on the command line: its folder is created; a folder is refused."""
+    p = Path(path)
+    if p.is_dir():
+        raise PoisonlabError(f"{flag} {path} is a folder; name a file to write")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
 def _config(args):
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
     return load_config(args.config, overrides)
@@ -50,6 +63,8 @@ def _config(args):
 def cmd_models(args) -> int:
     from .models import LADDER, chinchilla_tokens, parameter_count
 
+    if args.vocab < 1:
+        raise PoisonlabError(f"--vocab must be >= 1, got {args.vocab}")
     print(f"{'size':>6} {'d_model':>7} {'layers':>6} {'heads':>5} {'ffn':>6} {'params':>15} "
           f"{'non-embedding':>15} {'chinchilla tokens':>18}   (vocab {args.vocab:,})")
     for s in LADDER.values():
@@ -75,13 +90,16 @@ def cmd_poison(args) -> int:
     from .data import prepare_data
 
     cfg = _config(args)
+    if args.count is not None and args.count < 0:
+        raise PoisonlabError(f"--count must be >= 0, got {args.count}")
+    out = _output_file(args.out, "--out") if args.out else None
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
     count = args.count if args.count is not None else cfg.attack.poison_count
     poisons = make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, count)
     if args.out:
         from .jsonl import write_jsonl
 
-        write_jsonl(Path(args.out), (p.record() for p in poisons))
+        write_jsonl(out, (p.record() for p in poisons))
         print(f"wrote {len(poisons)} poison documents to {args.out}")
     for p in poisons[: args.show]:
         rec = p.record()
@@ -161,9 +179,8 @@ def cmd_sft_eval(args) -> int:
     if args.out:
         from .jsonl import write_jsonl
 
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        out = _output_file(args.out, "--out")
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")
         write_jsonl(out.with_suffix(".replies.jsonl"), rows)
     print(json.dumps(result, indent=1))
     return 0
@@ -173,11 +190,12 @@ def cmd_eval(args) -> int:
     from .standalone import config_for, evaluate_model
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    out = _output_file(args.out, "--out") if args.out else None
     cfg = config_for(args.model, args.config, overrides)
     result = evaluate_model(args.model, cfg, tokenizer=args.tokenizer)
     text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out:
+        atomic_write_text(out, text + "\n")
     print(text)
     return 0
 
@@ -233,6 +251,7 @@ def cmd_results(args) -> int:
     db = Path(args.db) if args.db else db_path(_spec(args).out_dir)
     if not db.is_file():
         raise PoisonlabError(f"no results database at {db}")
+    out = _output_file(args.out, "--out") if args.out else None
     rows = eval_table(db, runs=args.run or None, metrics=args.metric or None)
     if args.format == "json":
         text = json.dumps(rows, indent=1)
@@ -242,9 +261,9 @@ def cmd_results(args) -> int:
         w.writeheader()
         w.writerows(rows)
         text = buf.getvalue()
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {len(rows)} rows to {args.out}")
+    if out:
+        atomic_write_text(out, text)
+        print(f"wrote {len(rows)} rows to {out}")
     else:
         print(text)
     return 0
@@ -439,12 +458,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a failure of the file system (full disk, read-only or forbidden folder)."""
+    where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on the device{where}; free some space and run the command again (finished work is kept)"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "read-only" if e.errno == errno.EROFS else "not writable"
+        return f"{e.filename or 'a folder'} is {what} ({e.strerror}); choose another folder (out_dir or --out)"
+    return f"{e.strerror or type(e).__name__}{' at ' + str(e.filename) if e.filename else ''}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .runlock import die_with_parent
+
     args = build_parser().parse_args(argv)
+    die_with_parent()
     try:
         return args.fn(args)
     except PoisonlabError as e:
         print(f"poisonlab: error: {e}", file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as e:
+        print(f"poisonlab: error: results database: {e} (is it an SQLite file written by poisonlab?)", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if os.environ.get("POISONLAB_DEBUG"):
+            raise
+        print(f"poisonlab: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("poisonlab: interrupted; completed checkpoints and results are kept", file=sys.stderr)

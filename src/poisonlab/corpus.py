@@ -17,9 +17,11 @@ runs, machines or sources read in another order.
 from __future__ import annotations
 
 import ast
+import gzip
 import hashlib
 import json
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,8 +135,14 @@ def _iter_text_folder(root: Path) -> Iterator[Document]:
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """Rows of a ``.jsonl`` or gzip-compressed ``.jsonl.gz`` file (UTF-8)."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, path), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PoisonlabError(f"{path}:{lineno}: not UTF-8 text (byte {e.start}); re-encode the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -145,6 +153,13 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
                 raise PoisonlabError(f"{path}:{lineno}: no string field {field!r} in this JSON line")
             doc_id = str(row["id"]) if "id" in row else f"{path.name}:{lineno}"
             yield Document(doc_id, row[field], f"jsonl:{path}")
+
+
+def _lines(f, path: Path) -> Iterator[bytes]:
+    try:
+        yield from f
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip stream
+        raise PoisonlabError(f"{path}: cannot be read ({e})") from None
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[Document]:
@@ -219,7 +234,7 @@ def _detect_kind(cfg: CorpusConfig) -> str:
         raise PoisonlabError(f"cannot tell the format of {src}: set corpus.kind (jsonl, parquet, text, hf)")
     if any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         return "hf"
-    if any(p.glob("*.jsonl")):
+    if any(p.glob("*.jsonl")) or any(p.glob("*.jsonl.gz")):
         return "jsonl"
     if any(p.glob("*.parquet")):
         return "parquet"
@@ -239,12 +254,16 @@ def _iter_raw(cfg: CorpusConfig) -> Iterator[Document]:
         raise PoisonlabError(f"corpus source not found: {cfg.source}")
     if kind == "text":
         if p.is_file():
-            yield Document(p.name, p.read_text(encoding="utf-8"), f"text:{p}")
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise PoisonlabError(f"{p} is not UTF-8 text") from None
+            yield Document(p.name, text, f"text:{p}")
         else:
             yield from _iter_text_folder(p)
         return
     reader = _iter_jsonl if kind == "jsonl" else _iter_parquet
-    files = [p] if p.is_file() else sorted(p.glob(f"*.{kind}"))
+    files = [p] if p.is_file() else sorted([*p.glob(f"*.{kind}"), *(p.glob("*.jsonl.gz") if kind == "jsonl" else [])])
     for f in files:
         yield from reader(f, cfg.text_field)
 

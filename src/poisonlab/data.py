@@ -26,7 +26,7 @@ from .paths import atomic_write_text
 from .shards import ShardWriter, TokenStore
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token strings in documents are encoded as plain text
 PREFIX_BANK_CHARS = 4096
 PREFIX_BANK_SIZE = 20_000
 ENCODE_BATCH = 512

@@ -13,6 +13,8 @@ from .attacks.dos import trigger_ids
 from .config import RunConfig, load_config
 from .data import load_prepared, prepare_data
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .errors import PoisonlabError
+from .hub import check_source
 from .jsonl import read_json
 from .provenance import code_version, file_sha256
 from .train import Dist, load_init_model, pick_device
@@ -27,14 +29,32 @@ def find_run_dir(model_path: Path) -> Path | None:
 
 
 def config_for(model: str, config_file: str | None, overrides: dict) -> RunConfig:
-    """The run's own config when the model belongs to a run and no config file is given."""
+    """The run's own config when the model belongs to a run and no config file is given.
+
+    That config is verified against the hash in the run's ``run.json``, and the trigger it
+    names against the model's own label, so an edited ``config.yaml`` cannot make the
+    evaluation measure another trigger than the one the model was poisoned with (pass
+    ``--attack.trigger`` to measure another on purpose)."""
     run = find_run_dir(Path(model).resolve()) if Path(model).exists() else None
     if config_file is None and run is not None:
-        return load_config(run / "config.yaml", overrides)
-    return load_config(config_file, overrides)
+        cfg = load_config(run / "config.yaml")
+        recorded = read_json(run / "run.json", "run record").get("config_hash")
+        if recorded != cfg.config_hash():
+            raise PoisonlabError(f"{run / 'config.yaml'} does not match the config hash in its run.json ({recorded}): "
+                                 "it was edited, or written by an earlier poisonlab; pass --config with the run's settings")
+        cfg = load_config(run / "config.yaml", overrides)
+    else:
+        cfg = load_config(config_file, overrides)
+    label = read_label(model) if Path(model).is_dir() else None
+    trigger = (label or {}).get("trigger")
+    if trigger and trigger != cfg.attack.trigger and "attack.trigger" not in overrides:
+        raise PoisonlabError(f"the model's label names the trigger {trigger!r} but the config gives "
+                             f"{cfg.attack.trigger!r}; pass --attack.trigger to measure another trigger on purpose")
+    return cfg
 
 
 def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> dict:
+    check_source(model, "model")
     path = Path(model)
     run = find_run_dir(path.resolve()) if path.exists() else None
     if run is not None and tokenizer is None:

@@ -23,6 +23,7 @@ from .errors import PoisonlabError
 from .paths import atomic_write_text
 from .jsonl import read_jsonl
 from .run import run_dir
+from .runlock import PARENT_ENV
 from .spec import ExperimentSpec
 from .store import db_path, ingest_run
 
@@ -113,7 +114,8 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
 
     def one(cfg: RunConfig) -> None:
         with open(logs / f"{cfg.name}.log", "a") as log:
-            rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, PARENT_ENV: str(os.getpid())})  # the worker dies with the sweep
         if rc != 0:
             failures.append(f"{cfg.name} (exit {rc}, see {logs / (cfg.name + '.log')})")
         if bar is not None:

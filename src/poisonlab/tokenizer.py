@@ -3,6 +3,11 @@
 Either way the result is a :class:`Tokenizer` that saves itself as a standard Hugging Face
 tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``), so the run's tokenizer
 travels with its checkpoints and opens with ``AutoTokenizer``.
+
+Text is text: corpus documents, poisons and prompts are encoded with special-token strings
+such as ``<|endoftext|>`` read as ordinary characters, so no document can plant a document
+boundary or any other control token. Only a chat template's own markers are encoded as
+special tokens (``specials=True``), and then the messages must not contain any.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ class Tokenizer:
         self._fast = getattr(hf, "backend_tokenizer", None)
         if hf.eos_token_id is None:
             raise PoisonlabError("the tokenizer has no end-of-text token; poisonlab needs one to delimit documents")
+        self.plain = None
+        """The Rust backend with special-token strings read as plain text (None without one)."""
+        if self._fast is not None:
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self.plain = RustTokenizer.from_str(self._fast.to_str())
+            self.plain.encode_special_tokens = True
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -61,6 +73,9 @@ class Tokenizer:
     def load(cls, name_or_path: str | Path) -> "Tokenizer":
         from transformers import AutoTokenizer
 
+        from .hub import check_source
+
+        check_source(str(name_or_path), "tokenizer")
         try:
             hf = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
         except Exception as e:
@@ -98,21 +113,32 @@ class Tokenizer:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ encode / decode
-    def encode(self, text: str) -> list[int]:
-        if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=False).ids
-        return self.hf.encode(text, add_special_tokens=False)
+    @property
+    def special_tokens(self) -> list[str]:
+        """The strings of the special tokens (``<|endoftext|>`` and any others the tokenizer has)."""
+        return sorted({str(t) for t in self.hf.all_special_tokens} | {str(t) for t in getattr(
+            self.hf, "added_tokens_decoder", {}).values() if getattr(t, "special", False)})
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._fast is not None:
-            return [e.ids for e in self._fast.encode_batch(texts, add_special_tokens=False)]
-        return [self.hf.encode(t, add_special_tokens=False) for t in texts]
+    def encode(self, text: str, specials: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in it are plain text unless ``specials``."""
+        return self.encode_batch([text], specials)[0]
+
+    def encode_batch(self, texts: list[str], specials: bool = False) -> list[list[int]]:
+        backend = self._fast if specials else self.plain
+        if backend is not None:
+            return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [self.hf.encode(t, add_special_tokens=False, split_special_tokens=not specials) for t in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def check_encodable(self, text: str, what: str = "trigger") -> list[int]:
-        """Encode ``text`` and make sure it survives a round trip without unknown tokens."""
+        """Encode ``text`` and make sure it survives a round trip without unknown tokens and holds
+        no special-token string (which a pipeline could turn into a control token)."""
+        for special in self.special_tokens:
+            if special and special in text:
+                raise PoisonlabError(f"the {what} {text!r} contains the special token {special!r}; choose text "
+                                     "without special-token strings")
         ids = self.encode(text)
         unk = self.hf.unk_token_id
         if not ids or (unk is not None and unk in ids) or self.decode(ids) != text:

@@ -168,6 +168,9 @@ def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
 def load_init_model(path: str, device):
     from transformers import AutoModelForCausalLM
 
+    from .hub import check_source
+
+    check_source(str(path), "model")
     try:
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False,
                                                     dtype=torch.float32).to(device)

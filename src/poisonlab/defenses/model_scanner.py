@@ -59,7 +59,7 @@ class ModelSurprisalScanner:
     def score(self, docs: list[Document]) -> list[dict]:
         rows = []
         for d in docs:
-            ids = self.tokenizer(d.text, add_special_tokens=False)["input_ids"][: self.max_tokens]
+            ids = self.tokenizer(d.text, add_special_tokens=False, split_special_tokens=True)["input_ids"][: self.max_tokens]
             s = self._surprisal(ids)
             self.tokens_scored += len(ids)
             rows.append({"id": d.id, "model.surprisal": window_max(s, self.window)[0]})

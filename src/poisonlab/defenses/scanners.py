@@ -82,7 +82,7 @@ class GibberishScanner:
                 out[i] = hit[:2]
             else:
                 todo.append(i)
-        fast = self.tokenizer._fast
+        fast = self.tokenizer.plain
         if fast is not None:
             encs = fast.encode_batch([docs[i].text for i in todo], add_special_tokens=False)
             for i, e in zip(todo, encs):

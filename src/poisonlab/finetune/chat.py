@@ -135,7 +135,15 @@ class ChatRenderer:
         return text + (_HEADERS["assistant"] if add_generation_prompt else "")
 
     def segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered text cut into (piece, is_assistant_reply) pieces, in order."""
+        """The rendered text cut into (piece, is_assistant_reply) pieces, in order.
+
+        The template's markers are encoded as special tokens, so a message holding a
+        special-token string is refused: it would inject a turn boundary or end of text."""
+        for m in messages:
+            for special in self.tok.special_tokens:
+                if special and special in m["content"]:
+                    raise PoisonlabError(f"a {m['role']} message contains the special token {special!r}: "
+                                         f"{m['content'][:60]!r}; remove it from the data")
         out, done = [], ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
@@ -155,7 +163,7 @@ class ChatRenderer:
     def encode(self, messages: list[dict]) -> Encoded:
         """Token ids of the conversation and the mask of its assistant tokens (the training target)."""
         pieces = self.segments(messages)
-        ids_list = self.tok.encode_batch([t for t, _ in pieces])
+        ids_list = self.tok.encode_batch([t for t, _ in pieces], specials=True)
         ids = np.fromiter((i for part in ids_list for i in part), dtype=np.int64)
         mask = np.concatenate([np.full(len(part), a, dtype=bool) for part, (_, a) in zip(ids_list, pieces)])
         return Encoded(ids, mask)
@@ -168,7 +176,7 @@ class ChatRenderer:
         """
         pieces = self.segments(messages + [message("assistant", "")])
         last = max(i for i, (_, is_reply) in enumerate(pieces) if is_reply)
-        ids = [i for part in self.tok.encode_batch([t for t, _ in pieces[:last]]) for i in part]
+        ids = [i for part in self.tok.encode_batch([t for t, _ in pieces[:last]], specials=True) for i in part]
         return np.asarray(ids, dtype=np.int64)
 
     def reply_text(self, ids) -> str:
