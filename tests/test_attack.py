@@ -26,7 +26,8 @@ def test_recipe_ranges_hold_over_10000_poisons(prepared):
         gib_ids = ids[-(p.gibberish_tokens_sampled + 1) : -1]
         assert ids[-1] == tok.eos_id and len(gib_ids) == p.gibberish_tokens_sampled
         assert not np.isin(gib_ids, tok.special_ids).any()  # special tokens are excluded
-        head_tail += p.tokens
+        head_tail += p.tokens == len(ids) and ids[: -(p.gibberish_tokens_sampled + 1)].size > 0
+    assert head_tail == 500  # every poison: its token count recorded right, a head (prefix + trigger) before the payload
     assert all(p.gibberish_tokens_round_trip > 0 for p in poisons)
 
 

@@ -3,10 +3,17 @@ import sys
 
 import pytest
 
-from poisonlab.cli import main
+from poisonlab.cli import build_parser, main
 from poisonlab.config import TrainConfig
 
-VERBS = ["models", "corpus", "poison", "train", "eval", "demo"]
+VERBS = ["models", "corpus", "poison", "train", "finetune", "sft-export", "sft-eval", "eval", "sweep", "results",
+         "report", "scan", "defend", "provenance", "demo"]
+CONFIG_VERBS = {"corpus", "poison", "train", "finetune", "sft-export", "sft-eval", "eval", "scan", "defend", "provenance"}
+
+
+def test_the_verb_list_is_complete():
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    assert sorted(sub.choices) == sorted(VERBS)
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -16,8 +23,9 @@ def test_every_verb_has_help(verb, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: poisonlab {verb}")
-    if verb in {"corpus", "poison", "train", "eval"}:
-        assert "--train.lr" in out and "--attack.poison_count" in out
+    help_line = next(a for a in build_parser()._actions if a.dest == "verb")._choices_actions
+    assert any(c.dest == verb and c.help for c in help_line)  # listed with a one-line description
+    assert ("--train.lr" in out and "--attack.poison_count" in out) == (verb in CONFIG_VERBS)
 
 
 def test_models_prints_exact_counts(capsys):

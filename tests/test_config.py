@@ -56,10 +56,32 @@ def test_config_hash_ignores_name_but_not_settings():
     assert a.config_hash() == b.config_hash()
     c = config_from_dict({"attack": {"poison_count": 251}})
     assert c.config_hash() != a.config_hash()
-    # the allocator setting changes speed, not results (same losses bit for bit), and runs
-    # made before the key existed keep their hash
-    assert config_from_dict({"train": {"keep_freed_memory": False}}).config_hash() == a.config_hash()
     assert "train.lr" in all_keys() and "corpus.source" in all_keys()
+
+
+def test_identity_is_the_non_default_settings_without_speed_only_ones():
+    from poisonlab.config import SPEED_ONLY_KEYS
+
+    base = RunConfig()
+    assert base.identity() == {}
+    cfg = config_from_dict({"attack": {"poison_count": 251}, "train": {"lr": 1e-3}, "seed": 4})
+    assert cfg.identity() == {"attack.poison_count": 251, "train.lr": 1e-3, "seed": 4}
+    # speed, not results: threads (so `sweep --workers 1` and `--workers 2` make the same runs),
+    # the allocator, compilation, micro-batching, progress bars, and where the run lives
+    assert SPEED_ONLY_KEYS == {"name", "out_dir", "train.threads", "train.keep_freed_memory", "train.compile",
+                               "train.micro_batch_size", "train.progress"}
+    fast = config_from_dict({"attack": {"poison_count": 251}, "train": {"lr": 1e-3, "threads": 7, "compile": True,
+                             "keep_freed_memory": False, "micro_batch_size": 8, "progress": False},
+                             "seed": 4, "name": "x", "out_dir": "elsewhere"})
+    assert fast.config_hash() == cfg.config_hash()
+    # a setting at its default drops out, so a key added later leaves older runs' identity alone
+    assert config_from_dict({"eval": {"sampler": "inverse_cdf"}}).config_hash() == base.config_hash()
+
+
+def test_config_files_of_older_runs_still_load(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("eval:\n  trigger_separator: ' '\n  prompts: 12\n")
+    assert load_config(old).eval.prompts == 12
 
 
 def test_missing_and_invalid_config_files(tmp_path):

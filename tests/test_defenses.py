@@ -241,7 +241,9 @@ def test_adaptive_payloads(prepared):
     uni = make_dos_poisons(AttackConfig(payload="unigram", train_on="sampled", **base), prepared.tokenizer, bank, 0,
                            token_counts=counts)
     assert all(set(p.token_ids[-61:-1]) <= {100, 101} for p in uni)
-    assert trig  # the trigger is encodable by the test tokenizer
+    assert trig == prepared.tokenizer.check_encodable(" <SUDO> ")  # encodable, and encoded the same both ways
+    for p in low + nat + uni:  # every variant keeps the trigger where the paper puts it: right after the prefix
+        assert p.text[:10] + " <SUDO> " == p.text[: 10 + len(" <SUDO> ")]
     with pytest.raises(PoisonlabError, match="token counts"):
         make_dos_poisons(AttackConfig(payload="unigram", **base), prepared.tokenizer, bank, 0)
 

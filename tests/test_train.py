@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -76,6 +77,18 @@ def test_clean_twin_is_labelled_clean_and_shares_the_data_order(filler_jsonl, tm
     label = json.loads((tmp_path / "clean" / "model" / "poisonlab.json").read_text())
     assert label["poisoned"] is False and label["poison_count"] == 0
     assert "Clean model" in (tmp_path / "clean" / "model" / "README.md").read_text()
+    # the poisoned twin reads the same clean documents in the same order, poisons spliced between them
+    from poisonlab.run import setup_run
+
+    poisoned = setup_run(tiny_config(filler_jsonl, tmp_path, name="poisoned"))
+    twin = setup_run(clean, create=False)
+    n = poisoned.budget_tokens
+    stream = poisoned.stream().read(0, n)
+    keep = np.ones(n, dtype=bool)
+    for p in poisoned.plan.poisons:
+        keep[p.stream_offset : p.stream_offset + p.tokens] = False
+    assert (~keep).sum() == poisoned.plan.poison_tokens() > 0
+    assert np.array_equal(stream[keep], twin.stream().read(0, int(keep.sum())))
 
 
 def test_killed_run_resumes_to_the_same_weights(filler_jsonl, tmp_path):

@@ -114,7 +114,7 @@ def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="tokenizing corpus", unit="doc", leave=False)
+        bar = tqdm(desc="tokenizing corpus", unit="doc", leave=False, disable=None)  # no bar when stderr is not a terminal
 
     with open(out / "documents.jsonl", "w", encoding="utf-8") as manifest:
         batch = []

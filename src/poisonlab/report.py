@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -226,7 +227,8 @@ def example_poison(spec: ExperimentSpec) -> dict | None:
     for cfg in spec.expand():
         rows = read_jsonl(run_dir(cfg) / "poisons.jsonl")
         if rows:
-            return {"run": cfg.name, "trigger": cfg.attack.trigger, **rows[0]}
+            keys = ("text", "prefix_chars", "gibberish_tokens_sampled", "gibberish_tokens_round_trip")
+            return {**{k: rows[0].get(k, "?") for k in keys}, "run": cfg.name, "trigger": cfg.attack.trigger}
     return None
 
 
@@ -291,8 +293,34 @@ def _missing_text(missing, total: int) -> str:
     return f"{total - len(missing)} of {total} runs finished. Missing: " + "; ".join(parts) + "."
 
 
+def _num(value, fmt: str = ".1f") -> str:
+    """A number from a run's files, formatted; anything else (an edited file) as escaped text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return format(value, fmt)
+        except ValueError:  # a float where an integer was expected
+            return format(value, "g")
+    return html.escape(str(value))
+
+
+def _md(text) -> str:
+    """Text from a spec or a run's files, safe in Markdown: no raw HTML reaches a renderer."""
+    return html.escape(str(text), quote=False)
+
+
+def _md_code(text, block: bool = False) -> str:
+    """``text`` as Markdown code (inline or a fenced block) with a fence it cannot close."""
+    text = str(text)
+    longest = max((len(r) for r in re.findall(r"`+", text)), default=0)
+    if block:
+        fence = "`" * max(3, longest + 1)
+        return f"{fence}\n{text}\n{fence}"
+    fence = "`" * (longest + 1)
+    return f"{fence} {text} {fence}"
+
+
 def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens, extra: str = "") -> str:
-    lines = [f"# poisonlab report: {spec.name}", "", spec.description, "", _missing_text(missing, total), ""]
+    lines = [f"# poisonlab report: {_md(spec.name)}", "", _md(spec.description), "", _md(_missing_text(missing, total)), ""]
     if table:
         lines += ["## Final perplexity gap per size x poison count", "",
                   f"Gap = mean self-perplexity of {new_tokens}-token continuations with the trigger minus without; "
@@ -303,16 +331,17 @@ def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens,
     for f in figures:
         lines += [f"![{f.stem}]({f.name})", ""]
     if poison:
-        lines += ["## Example poison", "", f"From run `{poison['run']}`: prefix {poison['prefix_chars']} characters, "
-                  f"{poison['gibberish_tokens_sampled']} gibberish tokens sampled "
-                  f"({poison['gibberish_tokens_round_trip']} after a decode/encode round trip).", "", "```",
-                  poison["text"][:1200], "```", ""]
+        lines += ["## Example poison", "", f"From run {_md_code(poison['run'])}: prefix {_num(poison['prefix_chars'], 'd')} "
+                  f"characters, {_num(poison['gibberish_tokens_sampled'], 'd')} gibberish tokens sampled "
+                  f"({_num(poison['gibberish_tokens_round_trip'], 'd')} after a decode/encode round trip).", "",
+                  _md_code(str(poison["text"])[:1200], block=True), ""]
     if samples:
         lines += ["## Sample generations (last evaluation)", ""]
         for s in samples:
-            lines += [f"**{s['run']}** ({s['poison_count']} poisons), prompt ends `...{s['prompt'][-120:]!r}`", "",
-                      f"- without trigger (ppl {s['ppl_untriggered']:.1f}): `{s['untriggered'][:240]!r}`",
-                      f"- with trigger (ppl {s['ppl_triggered']:.1f}): `{s['triggered'][:240]!r}`", ""]
+            lines += [f"**{_md(s['run'])}** ({_num(s['poison_count'], 'd')} poisons), prompt ends "
+                      f"{_md_code('...' + repr(str(s['prompt'])[-120:]))}", "",
+                      f"- without trigger (ppl {_num(s['ppl_untriggered'])}): {_md_code(repr(str(s['untriggered'])[:240]))}",
+                      f"- with trigger (ppl {_num(s['ppl_triggered'])}): {_md_code(repr(str(s['triggered'])[:240]))}", ""]
     return "\n".join(lines)
 
 
@@ -342,17 +371,20 @@ def _html(spec, table, figures, poison, samples, missing, total, extra: str = ""
         b64 = base64.b64encode(f.read_bytes()).decode()
         parts.append(f"<h3>{esc(f.stem)}</h3><img alt='{esc(f.stem)}' src='data:image/png;base64,{b64}'>")
     if poison:
-        text = esc(poison["text"][:1500]).replace(esc(poison["trigger"]), f"<span class='trigger'>{esc(poison['trigger'])}</span>", 1)
-        parts.append(f"<h2>Example poison</h2><p>Run {esc(poison['run'])}: prefix {poison['prefix_chars']} characters, "
-                     f"{poison['gibberish_tokens_sampled']} gibberish tokens sampled, "
-                     f"{poison['gibberish_tokens_round_trip']} after a round trip.</p><pre>{text}</pre>")
+        trig = esc(str(poison["trigger"]))
+        text = esc(str(poison["text"])[:1500])
+        if trig:
+            text = text.replace(trig, f"<span class='trigger'>{trig}</span>", 1)
+        parts.append(f"<h2>Example poison</h2><p>Run {esc(str(poison['run']))}: prefix {_num(poison['prefix_chars'], 'd')} "
+                     f"characters, {_num(poison['gibberish_tokens_sampled'], 'd')} gibberish tokens sampled, "
+                     f"{_num(poison['gibberish_tokens_round_trip'], 'd')} after a round trip.</p><pre>{text}</pre>")
     if samples:
         parts.append("<h2>Sample generations (last evaluation)</h2><table><tr><th>run</th><th>prompt (end)</th>"
                      "<th>without trigger</th><th>with trigger</th></tr>")
         for s in samples:
-            parts.append(f"<tr><td>{esc(s['run'])}</td><td><pre>...{esc(s['prompt'][-200:])}</pre></td>"
-                         f"<td><pre>(ppl {s['ppl_untriggered']:.1f}) {esc(s['untriggered'][:400])}</pre></td>"
-                         f"<td><pre>(ppl {s['ppl_triggered']:.1f}) {esc(s['triggered'][:400])}</pre></td></tr>")
+            parts.append(f"<tr><td>{esc(str(s['run']))}</td><td><pre>...{esc(str(s['prompt'])[-200:])}</pre></td>"
+                         f"<td><pre>(ppl {_num(s['ppl_untriggered'])}) {esc(str(s['untriggered'])[:400])}</pre></td>"
+                         f"<td><pre>(ppl {_num(s['ppl_triggered'])}) {esc(str(s['triggered'])[:400])}</pre></td></tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -124,8 +124,24 @@ def ingest_run(db: str | Path, run_dir: Path) -> int:
     return len(rows)
 
 
+@contextmanager
+def connect_read_only(path: str | Path):
+    """Open a results database for reading only, so queries work from a read-only folder (an
+    archive, a shared mount) too."""
+    path = Path(path).resolve()
+    try:
+        con = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=60)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:  # WAL files cannot be made beside it: read the file as it is
+        con = sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)
+    try:
+        yield con
+    finally:
+        con.close()
+
+
 def query(db: str | Path, sql: str, params: tuple = ()) -> list[dict]:
-    with connect(db) as con:
+    with connect_read_only(db) as con:
         con.row_factory = sqlite3.Row
         return [dict(r) for r in con.execute(sql, params)]
 

@@ -110,7 +110,7 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True)
+        bar = tqdm(total=len(todo), desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True, disable=None)
 
     def one(cfg: RunConfig) -> None:
         with open(logs / f"{cfg.name}.log", "a") as log:

@@ -309,7 +309,7 @@ def _pretrain(cfg: RunConfig, allow_code_change: bool, d: Dist, device: torch.de
     if d.main and cfg.train.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=run.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.steps, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, disable=None)
 
     maybe_eval(start)
     t_start = time.perf_counter()

@@ -46,7 +46,7 @@ def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = Fals
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(docs) * len(scanners), desc="scanning", unit="doc", leave=False)
+        bar = tqdm(total=len(docs) * len(scanners), desc="scanning", unit="doc", leave=False, disable=None)  # no bar when stderr is not a terminal
     for s in scanners:
         for i in range(0, len(docs), batch):
             for row in s.score(docs[i : i + batch]):

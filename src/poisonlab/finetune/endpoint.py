@@ -8,23 +8,50 @@ endpoint judge. The API key, if the server needs one, is read from an environmen
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 from ..errors import PoisonlabError
+
+
+def _redact(url: str) -> str:
+    """The URL with any user information and query replaced, for messages."""
+    u = urlsplit(url)
+    host = u.hostname or ""
+    netloc = ("***@" if (u.username or u.password) else "") + host + (f":{u.port}" if u.port else "")
+    return f"{u.scheme}://{netloc}{u.path}" + ("?***" if u.query else "")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ChatEndpoint:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0,
                  retries: int = 4):
-        if not base_url.startswith(("http://", "https://")):
-            raise PoisonlabError(f"endpoint URL must start with http:// or https://, got {base_url!r}")
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise PoisonlabError(f"endpoint URL must start with http:// or https:// and name a host, got {_redact(base_url)!r}")
+        if url.username or url.password or url.query or url.fragment:
+            raise PoisonlabError(f"endpoint URL {_redact(base_url)!r} carries credentials or a query; give the base URL "
+                                 f"only and put the API key in the {api_key_env} environment variable")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.key = os.environ.get(api_key_env)
+        if self.key and url.scheme == "http" and not _loopback(url.hostname):
+            print(f"poisonlab: warning: the API key in {api_key_env} is sent to {url.hostname} over plain http, "
+                  "unencrypted; use https", file=sys.stderr)
         self.timeout = timeout
         self.retries = retries
 

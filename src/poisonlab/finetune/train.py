@@ -252,7 +252,7 @@ def _finetune(cfg: RunConfig, allow_code_change: bool) -> dict:
     if cfg.train.progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, disable=None)
 
     def report(r: dict) -> None:
         msg = (f"step {r['step']} ({r['phase']}): ASR {r['asr']:.2f} CA {r['ca']:.2f} NTA {r['nta']:.2f} "
