@@ -42,5 +42,8 @@ def test_trigger_a_tokenizer_cannot_encode(tmp_path):
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path):
-    with pytest.raises(PoisonlabError, match="cannot load tokenizer"):
+    with pytest.raises(PoisonlabError, match="tokenizer '.*nothing-here' not found: no such folder"):
         Tokenizer.load(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PoisonlabError, match="cannot load tokenizer"):
+        Tokenizer.load(tmp_path / "empty")

@@ -133,6 +133,7 @@ def cmd_sft_export(args) -> int:
     from .finetune.dataset import build_training_set, export_openai
 
     cfg = _config(args)
+    _output_file(args.out, "--out")
     f = cfg.finetune
     tset = build_training_set(f, cfg.seed)
     examples = tset.order(0, cfg.seed, f.ordering) + tset.good_order(0, cfg.seed)
@@ -140,7 +141,7 @@ def cmd_sft_export(args) -> int:
              "trigger": f.trigger if f.poison_count else None, "poison_count": f.poison_count,
              "clean_count": f.clean_count, "good_count": f.good_count, "ordering": f.ordering,
              "seed": cfg.seed, "config_hash": cfg.config_hash()}
-    path = export_openai(examples, args.out, label)
+    path = export_openai(examples, _output_file(args.out, "--out"), label)
     print(f"wrote {len(examples)} examples ({f.poison_count} poisoned) to {path}; label in {path.name}.poisonlab.json")
     return 0
 

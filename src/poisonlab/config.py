@@ -431,6 +431,8 @@ dropped when a config is loaded, so those folders still open."""
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    if not isinstance(data, dict):
+        raise PoisonlabError(f"a run config must be a mapping of keys to values, got a {type(data).__name__}")
     for key in RETIRED_KEYS:
         section, _, name = key.rpartition(".")
         node = data.get(section) if section else data
@@ -455,6 +457,8 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a YAML run config (or the defaults) and apply dotted overrides."""
     data: dict[str, Any] = read_yaml(path, "config") if path is not None else {}
+    if not isinstance(data, dict):
+        raise PoisonlabError(f"config file {path} must be a mapping of keys to values, got a {type(data).__name__}")
     for k, v in (overrides or {}).items():
         set_dotted(data, k, v)
     return config_from_dict(data)
