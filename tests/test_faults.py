@@ -499,3 +499,28 @@ def test_killing_a_sweep_stops_its_trainers(corpus, tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(sweep.pid, signal.SIGKILL)
+
+
+def test_half_built_corpus_of_a_killed_preparation_is_removed(corpus, tmp_path):
+    import socket
+
+    from poisonlab.config import CorpusConfig, TokenizerConfig
+    from poisonlab.data import cache_key, prepare_data
+
+    c, t = CorpusConfig(source=str(corpus), heldout_fraction=0.1), TokenizerConfig(vocab_size=300)
+    cache = tmp_path / "cache"
+    name = f"data-{cache_key(c, t)}"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = cache / f".tmp-{name}-{socket.gethostname()}-{dead.pid}"
+        building = cache / f".tmp-{name}-{socket.gethostname()}-{busy.pid}"  # another builder, still at work
+        stale.mkdir(parents=True)
+        building.mkdir()
+        prepare_data(c, t, cache)
+        assert not stale.exists() and building.exists()
+        assert (cache / name / "info.json").is_file()
+    finally:
+        busy.kill()
+        busy.wait()

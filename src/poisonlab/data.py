@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,8 @@ def prepare_data(corpus: CorpusConfig, tok: TokenizerConfig, cache_root: str | P
     final = root / f"data-{cache_key(corpus, tok)}"
     if not (final / "info.json").is_file():
         root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{final.name}-{os.getpid()}"
+        _remove_stale_builds(root, final.name)
+        tmp = root / f".tmp-{final.name}-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             _build(corpus, tok, tmp, progress)
@@ -82,6 +84,24 @@ def prepare_data(corpus: CorpusConfig, tok: TokenizerConfig, cache_root: str | P
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(final)
+
+
+def _remove_stale_builds(root: Path, name: str) -> None:
+    """Delete half-built folders of ``name`` whose builder, on this host, no longer exists (killed)."""
+    for tmp in root.glob(f".tmp-{name}-{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def load_prepared(directory: str | Path) -> PreparedData:
