@@ -51,7 +51,7 @@ def test_without_glibc_the_setting_does_nothing(monkeypatch):
 @pytest.mark.parametrize("keep, device, called", [(True, "cpu", 1), (False, "cpu", 0), (True, "meta", 0)])
 def test_training_applies_the_setting_on_cpu_only_when_asked(monkeypatch, keep, device, called):
     calls = []
-    monkeypatch.setattr("poisonlab.train.keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("poisonlab.parallel.keep_freed_memory", lambda: calls.append(1) or True)
     cfg = RunConfig()
     cfg.train.keep_freed_memory = keep
     threads = torch.get_num_threads()

@@ -111,22 +111,22 @@ def cmd_poison(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from .parallel import close_distributed
     from .train import train
 
     cfg = _config(args)
-    summary = train(cfg, allow_code_change=args.allow_code_change)
+    try:
+        summary = train(cfg, allow_code_change=args.allow_code_change)
+    finally:
+        close_distributed()
     if summary:
         print(json.dumps(summary, indent=1))
     return 0
 
 
 def cmd_finetune(args) -> int:
-    from .train import train
-
     setattr(args, "cfg:stage", "finetune")  # the verb implies the stage
-    summary = train(_config(args), allow_code_change=args.allow_code_change)
-    print(json.dumps(summary, indent=1))
-    return 0
+    return cmd_train(args)
 
 
 def cmd_sft_export(args) -> int:

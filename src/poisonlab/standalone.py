@@ -3,7 +3,6 @@ Hugging Face causal LM (local folder or hub name), on the held-out split of a co
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from pathlib import Path

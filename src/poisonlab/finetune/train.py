@@ -6,9 +6,8 @@ example with its kind: ordinary, forbidden, poison, good), ``eval_set.jsonl``,
 ``checkpoints/``, ``train_log.jsonl``, ``metrics.jsonl`` (ASR/CA/NTA rows),
 ``replies.jsonl`` (every judged reply), and when finished ``model/`` (labelled) and ``DONE``.
 
-The optimisation is the pretraining loop's: the same :func:`~poisonlab.train.train_step`
-(loss on the reply tokens only), AdamW groups, warm-up + cosine schedule, safetensors
-checkpoints, and resume from the last checkpoint after a kill. Phase 1 trains
+Training is the one loop of :mod:`poisonlab.loop` (loss on the reply tokens only), with every
+parallel mode, micro-batching and compilation of pretraining. Phase 1 trains
 ``finetune.epochs`` passes over the clean examples and poisons in the configured order;
 phase 2 (``finetune.good_count`` or ``finetune.further_clean`` > 0) continues with a fresh
 optimizer on the good examples mixed with fresh clean ones, as a user would fine-tune a model
@@ -22,7 +21,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,17 +28,17 @@ import numpy as np
 import torch
 
 from ..artifacts import make_label, read_label
-from ..checkpoint import remove_partial_checkpoints, resume, save_checkpoint, save_model_folder
 from ..config import RunConfig, dump_config
 from ..errors import PoisonlabError
-from ..jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
+from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 from ..paths import atomic_write_text
 from ..provenance import code_version, environment, file_sha256
 from ..run import existing_run, run_dir
-from ..store import db_path, record_eval, record_run
+from ..store import db_path, record_eval
+from ..loop import IGNORE, lr_at, schedule_points, to_db
+from ..parallel import Dist
 from ..tokenizer import Tokenizer
-from ..train import (IGNORE, Dist, _to_db, load_init_model, lr_at, make_optimizer, pick_device, schedule_points,
-                     set_threads, train_step)
+from ..train import load_init_model
 from .chat import ChatRenderer
 from .dataset import Example, build_eval_set, build_training_set
 from .evaluate import generate_replies, judge_replies, summarise
@@ -167,147 +165,135 @@ def _setup(cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRende
 
 def finetune(cfg: RunConfig, allow_code_change: bool = False) -> dict:
     """Run (or resume) one fine-tuning run to its end; returns the final summary."""
-    from ..runlock import RunLock
+    from dataclasses import replace
 
-    with RunLock(run_dir(cfg)):  # held before anything is written
-        return _finetune(cfg, allow_code_change)
+    from ..train import train
+
+    return train(replace(cfg, stage="finetune"), allow_code_change)
 
 
-def _finetune(cfg: RunConfig, allow_code_change: bool) -> dict:
-    f = cfg.finetune
-    d = run_dir(cfg)
-    if (d / "DONE").is_file():
-        return read_json(d / "DONE", "run summary")
-    dist_ = Dist()
-    device, dtype = pick_device(cfg, dist_)
-    threads = set_threads(cfg, dist_, device)
-    base = resolve_base(f.base)
-    tok = Tokenizer.load(tokenizer_path(base))
-    renderer = ChatRenderer(tok)
-    info, tset, evalset = _setup(cfg, d, allow_code_change, renderer, base)
+class FinetuneStage:
+    """Supervised fine-tuning: fixed batches of rendered conversations (loss on the replies),
+    phase 1 (clean examples and poisons) then an optional phase 2 with a fresh optimizer
+    (good and further clean examples); ASR/CA/NTA measured with the configured judge."""
 
-    # ---- the phases: encoded once, as fixed batches
-    bs, T = cfg.train.batch_size, cfg.train.seq_len
-    order1 = [ex for e in range(f.epochs) for ex in tset.order(e, cfg.seed, f.ordering)]
-    enc1, kinds1, drop1 = encode_sequence(renderer, order1, T)
-    phases = [("poisoned", Batches(enc1, kinds1, bs, tok.eos_id))]
-    drop2 = 0
-    if f.good_count or f.further_clean:
-        order2 = [ex for e in range(f.epochs) for ex in tset.good_order(e, cfg.seed)]
-        enc2, kinds2, drop2 = encode_sequence(renderer, order2, T)
-        phases.append(("good", Batches(enc2, kinds2, bs, tok.eos_id)))
-    if not enc1:
-        raise PoisonlabError(f"no fine-tuning example fits train.seq_len {T}")
-    total = sum(p.steps for _, p in phases)
-    if "steps" not in info:
-        info.update({"steps": total, "budget_tokens": sum(len(i) for i, _ in enc1) + sum(
-            len(i) for p in phases[1:] for i, _ in p[1].encoded), "dropped_overlong": drop1 + drop2,
-            "poison_token_share": None})
-        atomic_write_text(d / "config.yaml", dump_config(cfg))
-        atomic_write_text(d / "run.json", json.dumps(info, indent=1))
-        if drop1 + drop2:
-            print(f"poisonlab: {drop1 + drop2} examples longer than train.seq_len {T} left out", file=sys.stderr)
+    @classmethod
+    def open(cls, cfg: RunConfig, dist_: Dist, allow_code_change: bool, device) -> "FinetuneStage":
+        base = resolve_base(cfg.finetune.base)
+        renderer = ChatRenderer(Tokenizer.load(tokenizer_path(base)))
+        d = run_dir(cfg)
+        if dist_.main:
+            stage = cls(cfg, d, allow_code_change, renderer, base)
+        dist_.barrier()
+        if not dist_.main:
+            stage = cls(cfg, d, allow_code_change, renderer, base)
+        return stage
 
-    torch.manual_seed(cfg.seed)
-    model = load_init_model(base, device)
-    base_label = info.get("base_label")
-    if f.lora_r:
-        model = _lora(model, f)
-    judge = make_judge(f.judge, f.judge_model)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    def __init__(self, cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRenderer, base: str):
+        f = cfg.finetune
+        self.cfg, self.dir, self.base, self.renderer = cfg, d, base, renderer
+        self.tokenizer = tok = renderer.tok
+        info, tset, self.evalset = _setup(cfg, d, allow_code_change, renderer, base)
+        bs, T = cfg.train.batch_size, cfg.train.seq_len
+        order1 = [ex for e in range(f.epochs) for ex in tset.order(e, cfg.seed, f.ordering)]
+        enc1, kinds1, drop1 = encode_sequence(renderer, order1, T)
+        self.phases = [Batches(enc1, kinds1, bs, tok.eos_id)]
+        drop2 = 0
+        if f.good_count or f.further_clean:
+            order2 = [ex for e in range(f.epochs) for ex in tset.good_order(e, cfg.seed)]
+            enc2, kinds2, drop2 = encode_sequence(renderer, order2, T)
+            self.phases.append(Batches(enc2, kinds2, bs, tok.eos_id))
+        if not enc1:
+            raise PoisonlabError(f"no fine-tuning example fits train.seq_len {T}")
+        self.p1 = self.phases[0].steps
+        self.steps = sum(p.steps for p in self.phases)
+        if "steps" not in info:
+            info.update({"steps": self.steps, "budget_tokens": sum(p.tokens_through(p.steps) for p in self.phases),
+                         "dropped_overlong": drop1 + drop2, "poison_token_share": None})
+            atomic_write_text(d / "config.yaml", dump_config(cfg))
+            atomic_write_text(d / "run.json", json.dumps(info, indent=1))
+            if drop1 + drop2:
+                print(f"poisonlab: {drop1 + drop2} examples longer than train.seq_len {T} left out", file=sys.stderr)
+        self.info = info
+        self.judge = None
 
-    optimizer = make_optimizer(model, cfg)
-    remove_partial_checkpoints(d)
-    # at the end of phase 1 the optimizer is replaced below, as in an uninterrupted run
-    state = resume(d, model, optimizer) or {}
-    start, wall_before = state.get("step", 0), state.get("wall_seconds", 0.0)
-    _to_db(record_run, db_path(cfg.out_dir), info, cfg.to_dict(), "running")
-    write_jsonl(d / "train_log.jsonl", [r for r in read_jsonl(d / "train_log.jsonl") if r["step"] <= start])
-    done_evals = {r["step"] for r in read_jsonl(d / "metrics.jsonl")}
-    p1 = phases[0][1].steps
-    eval_at = set(schedule_points(p1, cfg.eval.every, cfg.eval.at_start)) | {p1, total}
-    ckpt_at = set(schedule_points(total, cfg.train.checkpoint_every, False)) | {p1}
-
-    def position(step: int) -> dict:
+    def position(self, step: int) -> dict:
         """Where the run stands after ``step`` global steps."""
+        p1, first = self.p1, self.phases[0]
         in1 = min(step, p1)
-        tokens = phases[0][1].tokens_through(in1) + sum(ph[1].tokens_through(max(0, step - p1)) for ph in phases[1:])
-        good = phases[1][1].seen(step - p1, "good") if step > p1 else 0
-        return {"step": step, "tokens_seen": tokens, "fraction": step / total,
-                "poisons_seen": phases[0][1].seen(in1, "poison"), "phase": "further" if step > p1 else "poisoned",
+        tokens = first.tokens_through(in1) + sum(ph.tokens_through(max(0, step - p1)) for ph in self.phases[1:])
+        good = self.phases[1].seen(step - p1, "good") if step > p1 else 0
+        return {"step": step, "tokens_seen": tokens, "fraction": step / self.steps,
+                "poisons_seen": first.seen(in1, "poison"), "phase": "further" if step > p1 else "poisoned",
                 "good_seen": good}
 
-    def evaluate(step: int) -> dict:
-        replies = generate_replies(model, renderer, evalset, f.max_new_tokens)
-        rows = judge_replies(judge, evalset, replies)
+    def _local(self, step: int) -> tuple[int, int, int]:
+        """(phase, step within the phase, steps of the phase)."""
+        if step < self.p1:
+            return 0, step, self.p1
+        return 1, step - self.p1, self.steps - self.p1
+
+    def lr(self, step: int) -> float:
+        phase, local, steps_here = self._local(step)
+        lr = lr_at(local, steps_here, self.cfg)
+        if phase == 1 and self.cfg.finetune.good_lr is not None:
+            lr *= self.cfg.finetune.good_lr / self.cfg.train.lr
+        return lr
+
+    def batch(self, step: int, rank: int, world: int):
+        phase, local, _ = self._local(step)
+        x, y, _ = self.phases[phase].batch(local)
+        normalizer = max(1, int((y != IGNORE).sum()))
+        if world > 1:  # rows as even as the batch allows; a rank left without rows takes a row with no targets
+            rows = torch.arange(x.shape[0])[rank::world]
+            x, y = (x[rows], y[rows]) if len(rows) else (x[:1], torch.full_like(y[:1], IGNORE))
+        return x, y, normalizer
+
+    def fresh_optimizer_at(self) -> set[int]:
+        return {self.p1} if len(self.phases) > 1 else set()
+
+    def eval_points(self) -> set[int]:
+        return set(schedule_points(self.p1, self.cfg.eval.every, self.cfg.eval.at_start)) | {self.p1, self.steps}
+
+    def checkpoint_points(self) -> set[int]:
+        return set(schedule_points(self.steps, self.cfg.train.checkpoint_every, False)) | {self.p1}
+
+    def evaluate(self, model, step: int) -> str:
+        f = self.cfg.finetune
+        if self.judge is None:
+            self.judge = make_judge(f.judge, f.judge_model)
+        was_training = model.training
+        replies = generate_replies(model, self.renderer, self.evalset, f.max_new_tokens)
+        model.train(was_training)
+        rows = judge_replies(self.judge, self.evalset, replies)
         for r in rows:
-            append_jsonl(d / "replies.jsonl", {"step": step, **r})
-        row = {**position(step), **summarise(rows, cfg.eval.confidence)}
-        append_jsonl(d / "metrics.jsonl", row)
+            append_jsonl(self.dir / "replies.jsonl", {"step": step, **r})
+        row = {**self.position(step), **summarise(rows, self.cfg.eval.confidence)}
+        append_jsonl(self.dir / "metrics.jsonl", row)
         flat = {k: v for k, v in row.items() if k not in ("verdicts", "phase")}
-        _to_db(record_eval, db_path(cfg.out_dir), cfg.name, flat, info["code_version"], None)
-        return row
+        to_db(record_eval, db_path(self.cfg.out_dir), self.cfg.name, flat, self.info["code_version"], None)
+        return (f"step {row['step']} ({row['phase']}): ASR {row['asr']:.2f} CA {row['ca']:.2f} NTA {row['nta']:.2f} "
+                f"ordinary correct {row.get('ordinary_correct', float('nan')):.2f}, poisons seen {row['poisons_seen']}")
 
-    bar = None
-    if cfg.train.progress:
-        from tqdm import tqdm
+    def on_resume(self, start: int) -> None:
+        evaluated = {r["step"] for r in read_jsonl(self.dir / "metrics.jsonl")}
+        # replies of an evaluation killed before its metrics row are redone
+        write_jsonl(self.dir / "replies.jsonl", [r for r in read_jsonl(self.dir / "replies.jsonl") if r["step"] in evaluated])
 
-        bar = tqdm(total=total, initial=start, desc=cfg.name, unit="step", dynamic_ncols=True, disable=None)
+    def label(self, steps_done: int) -> dict:
+        return _label(self.cfg, self.info, self.position(steps_done)["poisons_seen"], self.info.get("base_label"))
 
-    def report(r: dict) -> None:
-        msg = (f"step {r['step']} ({r['phase']}): ASR {r['asr']:.2f} CA {r['ca']:.2f} NTA {r['nta']:.2f} "
-               f"ordinary correct {r.get('ordinary_correct', float('nan')):.2f}, poisons seen {r['poisons_seen']}")
-        (bar.write if bar is not None else print)(msg)
+    def final_model(self, model):
+        return model.merge_and_unload() if self.cfg.finetune.lora_r else model
 
-    if start in eval_at and start not in done_evals:
-        report(evaluate(start))
-        done_evals.add(start)
-    t0 = time.perf_counter()
-    model.train()
-    for step in range(start, total):
-        phase_i = 0 if step < p1 else 1
-        batches = phases[phase_i][1]
-        local, steps_here = (step, p1) if phase_i == 0 else (step - p1, total - p1)
-        if phase_i == 1 and local == 0:  # a fresh optimizer for the further fine-tuning
-            optimizer = make_optimizer(model, cfg)
-        lr = lr_at(local, steps_here, cfg)
-        if phase_i == 1 and f.good_lr is not None:
-            lr *= f.good_lr / cfg.train.lr
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        x, y, _ = batches.batch(local)
-        loss, gnorm = train_step(model, optimizer, x, x.shape[0], cfg.train.grad_clip, autocast, targets=y)
-        lv = float(loss)
-        if not math.isfinite(lv):
-            raise PoisonlabError(f"fine-tuning diverged at step {step + 1} (loss {lv}); lower train.lr")
-        append_jsonl(d / "train_log.jsonl", {**position(step + 1), "loss": lv, "grad_norm": float(gnorm)})
-        if bar is not None:
-            bar.set_postfix(loss=f"{lv:.3f}")
-            bar.update(1)
-        done = step + 1
-        if done in eval_at and done not in done_evals:
-            report(evaluate(done))
-            done_evals.add(done)
-        if done in ckpt_at and done < total:
-            save_checkpoint(d, done, model, optimizer,
-                            {**position(done), "wall_seconds": wall_before + time.perf_counter() - t0},
-                            _label(cfg, info, position(done)["poisons_seen"], base_label), cfg.train.keep_checkpoints)
-    if bar is not None:
-        bar.close()
+    def summary(self) -> dict:
+        f = self.cfg.finetune
+        return {"poison_count": f.poison_count, "clean_count": f.clean_count, "good_count": f.good_count}
 
-    final_model = model.merge_and_unload() if f.lora_r else model
-    label = _label(cfg, info, position(total)["poisons_seen"], base_label)
-    save_model_folder(d / "model", final_model, label)
-    tok.save(d / "model")
-    metrics = read_jsonl(d / "metrics.jsonl")
-    summary = {"run": cfg.name, "steps": total, "poison_count": f.poison_count, "clean_count": f.clean_count,
-               "good_count": f.good_count, "threads": threads, "device": str(device),
-               "wall_seconds": round(wall_before + time.perf_counter() - t0, 2),
-               "wall_seconds_this_session": round(time.perf_counter() - t0, 2),
-               "final_eval": max(metrics, key=lambda r: r["step"]) if metrics else None}
-    atomic_write_text(d / "DONE", json.dumps(summary, indent=1))
-    _to_db(record_run, db_path(cfg.out_dir), info, cfg.to_dict(), "done")
-    return summary
+    def build_model(self, device):
+        torch.manual_seed(self.cfg.seed)
+        model = load_init_model(self.base, device)
+        return _lora(model, self.cfg.finetune) if self.cfg.finetune.lora_r else model
 
 
 def _lora(model, f):
