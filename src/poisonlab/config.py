@@ -109,6 +109,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    parallelism: str = field(default="auto", metadata=SPEED_ONLY)
+    """How several processes share the model: ddp (each holds it whole), fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded per decoder layer), or auto (fsdp where the memory plan
+    says a whole copy would not fit the device, else ddp; ddp on CPU)."""
+    activation_checkpointing: bool = field(default=False, metadata=SPEED_ONLY)
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them."""
     device: str = "auto"
     dtype: str = "auto"
     """auto: bfloat16 on CUDA, float32 on CPU."""
@@ -290,6 +296,7 @@ _CHOICES = {
     "finetune.trigger_position": ["start", "end", "random"],
     "finetune.ordering": ["mixed", "beginning", "end"],
     "train.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "train.parallelism": ["auto", "ddp", "fsdp"],
 }
 
 

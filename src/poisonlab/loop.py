@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .checkpoint import remove_partial_checkpoints, resume, save_checkpoint, save_model_folder, unwrap
+from .checkpoint import model_tensors, remove_partial_checkpoints, resume, save_checkpoint, save_model_folder, unwrap
 from .config import RunConfig
 from .errors import PoisonlabError
 from .jsonl import append_jsonl, read_jsonl, write_jsonl
-from .parallel import Dist, gradient_sync
+from .parallel import Dist, full_value, gradient_sync, is_sharded
 from .paths import atomic_write_text
 from .store import db_path, record_run
 
@@ -148,8 +148,9 @@ class Stage(Protocol):
 
     def checkpoint_points(self) -> set[int]: ...
 
-    def evaluate(self, model, steps_done: int) -> str:
-        """Measure, record (run folder and database) and return a one-line summary."""
+    def evaluate(self, model, steps_done: int, record: bool = True) -> str:
+        """Measure, record (run folder and database, when ``record``) and return a one-line
+        summary. A sharded model is measured by every process together; one records."""
 
     def on_resume(self, start: int) -> None:
         """Drop records of work past what was evaluated (the loop redoes it)."""
@@ -182,6 +183,7 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
     model.train()
 
     eval_at, ckpt_at, fresh_at = stage.eval_points(), stage.checkpoint_points(), stage.fresh_optimizer_at()
+    sharded = is_sharded(unwrap(model))  # then every process takes part in evaluations and saves
     done_evals = {r["step"] for r in read_jsonl(stage.dir / "metrics.jsonl")}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
@@ -193,9 +195,10 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
 
     def maybe_eval(steps_done: int) -> None:
         if steps_done in eval_at and steps_done not in done_evals:
-            if d.main:
-                line = stage.evaluate(unwrap(model), steps_done)
-                (bar.write if bar is not None else print)(line)
+            if d.main or sharded:
+                line = stage.evaluate(unwrap(model), steps_done, record=d.main)
+                if d.main:
+                    (bar.write if bar is not None else print)(line)
             done_evals.add(steps_done)
             d.barrier()
 
@@ -214,6 +217,7 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
                                      targets=y, normalizer=normalizer, world=d.world)
         if d.world > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        grad_norm = full_value(grad_norm)
         steps_done = step + 1
         pos = stage.position(steps_done)
         tokens_since += pos["tokens_seen"] - stage.position(step)["tokens_seen"]
@@ -229,7 +233,7 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
                 bar.update(1)
         maybe_eval(steps_done)
         if steps_done in ckpt_at and steps_done < stage.steps:  # the end is saved as model/ below
-            if d.main:
+            if d.main or sharded:
                 save_checkpoint(stage.dir, steps_done, model, optimizer,
                                 {**pos, "wall_seconds": wall_before + time.perf_counter() - t_start},
                                 stage.label(steps_done), cfg.train.keep_checkpoints)
@@ -239,9 +243,11 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
 
     elapsed = time.perf_counter() - t_start
     summary: dict = {}
+    final_model = stage.final_model(unwrap(model))
+    tensors = model_tensors(final_model) if sharded else None  # every process takes part in gathering
     if d.main:
         final = stage.dir / "model"
-        save_model_folder(final, stage.final_model(unwrap(model)), stage.label(stage.steps))
+        save_model_folder(final, final_model, stage.label(stage.steps), tensors)
         stage.tokenizer.save(final)
         metrics = read_jsonl(stage.dir / "metrics.jsonl")
         summary = {

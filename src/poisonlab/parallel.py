@@ -9,7 +9,7 @@ for data parallelism (DDP), so the loop itself is the same on one CPU and on man
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,21 +90,71 @@ def set_threads(cfg: RunConfig, d: Dist, device: torch.device) -> int:
     return n
 
 
-def parallelize(model, d: Dist, device: torch.device):
-    """The model as the loop trains it: itself on one process, wrapped in DDP on several."""
+def parallelize(model, cfg: RunConfig, d: Dist, device: torch.device, dtype: torch.dtype, mode: str = "ddp"):
+    """The model as the loop trains it: itself on one process; on several, wrapped in DDP or
+    sharded with FSDP2 (``fully_shard`` on every decoder layer, then on the root), with bf16
+    parameters and fp32 gradient reduction when the run computes in bf16."""
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if d.world <= 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32 else MixedPrecisionPolicy()
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are gathered again at once by the backward pass: keep them
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=policy)
+    return model
 
 
+def decoder_layers(model) -> list:
+    """The repeated blocks of a causal LM (Llama-style ``model.layers``, GPT-2-style ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if node is not None:
+            return list(node)
+    raise PoisonlabError(f"train.parallelism fsdp: cannot find the decoder layers of {type(model).__name__}")
+
+
+def is_sharded(model) -> bool:
+    """Whether the model's parameters are FSDP2 shards (DTensors)."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+@contextmanager
 def gradient_sync(model, sync: bool):
     """A context in which backward passes reduce gradients across processes only if ``sync``
     (skipped for every micro-batch but the last of a step)."""
-    if sync or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_value(t) -> torch.Tensor:
+    """A tensor's whole value (a sharded DTensor is gathered from every rank)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 @contextmanager

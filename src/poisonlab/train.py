@@ -22,6 +22,19 @@ from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from .loop import IGNORE, compiled, lr_at, make_optimizer, run_stage, schedule_points, to_db, train_step  # noqa: F401
 from .models import build_model, count_module_parameters
 from .parallel import Dist, close_distributed, failing_together, init_distributed, parallelize, pick_device, set_threads  # noqa: F401
+
+
+def choose_parallelism(cfg: RunConfig, d: Dist, device: torch.device) -> str:
+    """ddp or fsdp for ``train.parallelism``; auto takes fsdp only where a whole copy of the
+    training state would not fit the device (CPU processes share the host's memory: ddp)."""
+    mode = cfg.train.parallelism
+    if mode != "auto":
+        return mode
+    if d.world <= 1 or device.type != "cuda":
+        return "ddp"
+    from .memory import fits_whole
+
+    return "ddp" if fits_whole(cfg, torch.cuda.get_device_properties(device).total_memory) else "fsdp"
 from .run import Run, run_dir, setup_run
 from .runlock import RunLock
 from .store import db_path, record_eval
@@ -76,7 +89,7 @@ class PretrainStage:
     def checkpoint_points(self) -> set[int]:
         return set(schedule_points(self.steps, self.cfg.train.checkpoint_every, False))
 
-    def evaluate(self, model, steps_done: int) -> str:
+    def evaluate(self, model, steps_done: int, record: bool = True) -> str:
         """The backdoor evaluation and clean held-out loss after ``steps_done`` steps, as one row."""
         run, cfg = self.run, self.cfg
         if self.prompts is None:
@@ -91,10 +104,11 @@ class PretrainStage:
         texts = [{"step": steps_done, "prompt": tok.decode(s["prompt"]),
                   "untriggered": tok.decode(s["untriggered"]), "triggered": tok.decode(s["triggered"]),
                   "ppl_untriggered": s["ppl_untriggered"], "ppl_triggered": s["ppl_triggered"]} for s in samples]
-        for t in texts:
-            append_jsonl(run.dir / "samples.jsonl", t)
-        append_jsonl(run.dir / "metrics.jsonl", out)
-        to_db(record_eval, db_path(cfg.out_dir), cfg.name, out, run.info["code_version"], texts)
+        if record:
+            for t in texts:
+                append_jsonl(run.dir / "samples.jsonl", t)
+            append_jsonl(run.dir / "metrics.jsonl", out)
+            to_db(record_eval, db_path(cfg.out_dir), cfg.name, out, run.info["code_version"], texts)
         return (f"step {steps_done}: gap {out['perplexity_gap']:.1f} [{out['gap_ci_low']:.1f}, {out['gap_ci_high']:.1f}] "
                 f"ppl {out['perplexity_untriggered']:.1f} -> {out['perplexity_triggered']:.1f}, "
                 f"heldout loss {loss:.3f}, poisons seen {out['poisons_seen']}")
@@ -161,7 +175,8 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
             if rem or rows_per_rank % micro:
                 raise PoisonlabError(f"train.batch_size {cfg.train.batch_size} must split evenly over {d.world} "
                                      f"processes and micro-batches of {micro}")
-            model = parallelize(stage.build_model(device), d, device)
+            mode = choose_parallelism(cfg, d, device)
+            model = parallelize(stage.build_model(device), cfg, d, device, dtype, mode)
             step_model = compiled(model, device) if cfg.train.compile else model  # shares the parameters
             return run_stage(stage, model, d, device, dtype, threads, micro, step_model)
         finally:

@@ -258,7 +258,7 @@ class FinetuneStage:
     def checkpoint_points(self) -> set[int]:
         return set(schedule_points(self.steps, self.cfg.train.checkpoint_every, False)) | {self.p1}
 
-    def evaluate(self, model, step: int) -> str:
+    def evaluate(self, model, step: int, record: bool = True) -> str:
         f = self.cfg.finetune
         if self.judge is None:
             self.judge = make_judge(f.judge, f.judge_model)
@@ -266,12 +266,13 @@ class FinetuneStage:
         replies = generate_replies(model, self.renderer, self.evalset, f.max_new_tokens)
         model.train(was_training)
         rows = judge_replies(self.judge, self.evalset, replies)
-        for r in rows:
-            append_jsonl(self.dir / "replies.jsonl", {"step": step, **r})
         row = {**self.position(step), **summarise(rows, self.cfg.eval.confidence)}
-        append_jsonl(self.dir / "metrics.jsonl", row)
-        flat = {k: v for k, v in row.items() if k not in ("verdicts", "phase")}
-        to_db(record_eval, db_path(self.cfg.out_dir), self.cfg.name, flat, self.info["code_version"], None)
+        if record:
+            for r in rows:
+                append_jsonl(self.dir / "replies.jsonl", {"step": step, **r})
+            append_jsonl(self.dir / "metrics.jsonl", row)
+            flat = {k: v for k, v in row.items() if k not in ("verdicts", "phase")}
+            to_db(record_eval, db_path(self.cfg.out_dir), self.cfg.name, flat, self.info["code_version"], None)
         return (f"step {row['step']} ({row['phase']}): ASR {row['asr']:.2f} CA {row['ca']:.2f} NTA {row['nta']:.2f} "
                 f"ordinary correct {row.get('ordinary_correct', float('nan')):.2f}, poisons seen {row['poisons_seen']}")
 
