@@ -218,6 +218,7 @@ def cmd_sweep(args) -> int:
         from .run import token_budget
         from .models import get_size, parameter_count
 
+        unfit = 0
         for cfg in spec.expand():
             if cfg.stage == "finetune":
                 f = cfg.finetune
@@ -231,10 +232,19 @@ def cmd_sweep(args) -> int:
             vocab = cfg.tokenizer.vocab_size if cfg.tokenizer.name == "bpe" else None
             pc = parameter_count(get_size(cfg.model.size), vocab) if vocab else None
             budget = token_budget(cfg, pc)[0] if pc or cfg.train.tokens else None
+            plan = ""
+            if vocab:
+                from .memory import run_plan
+
+                p, advice = run_plan(cfg, vocab, budget)
+                plan = "  " + p.line() + (f" -> {advice}" if advice else "")
+                unfit += p.fits is False and advice is None
             print(f"{cfg.name:<40} size {cfg.model.size:>5}  params {pc.total if pc else '?':>15,}  "
-                  f"tokens {budget if budget is not None else '?':>16,}  poisons {cfg.attack.poison_count:>5}  seed {cfg.seed}")
+                  f"tokens {budget if budget is not None else '?':>16,}  poisons {cfg.attack.poison_count:>5}  "
+                  f"seed {cfg.seed}{plan}")
         st = status(spec)
-        print(f"{len(st)} runs: " + ", ".join(f"{sum(s.state == k for s in st)} {k}" for k in ("done", "partial", "pending")))
+        print(f"{len(st)} runs: " + ", ".join(f"{sum(s.state == k for s in st)} {k}" for k in ("done", "partial", "pending"))
+              + (f"; {unfit} do not fit their GPUs with any setting tried" if unfit else ""))
         return 0
     final = run_sweep(spec, workers=args.workers, executor=args.executor)
     print(f"{sum(s.state == 'done' for s in final)} of {len(final)} runs done; results in {spec.out_dir}/results.sqlite")

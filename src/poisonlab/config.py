@@ -246,6 +246,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The hardware a run is planned for (``sweep --dry-run`` and the check before training):
+    where it runs, not what it computes."""
+
+    gpus: int = field(default=8, metadata=SPEED_ONLY)
+    """Processes (one per GPU) the run will be launched with."""
+    gpu_memory_gb: float = field(default=80.0, metadata=SPEED_ONLY)
+    mfu: float = field(default=0.4, metadata=SPEED_ONLY)
+    """Model FLOPs utilisation assumed for GPU-hours."""
+    peak_tflops: float = field(default=989.0, metadata=SPEED_ONLY)
+    """Dense bf16 peak of one GPU (H100 SXM: 989)."""
+
+
+@dataclass
 class RunConfig:
     name: str = field(default="run", metadata=SPEED_ONLY)
     out_dir: str = field(default="runs", metadata=SPEED_ONLY)
@@ -260,6 +274,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -514,6 +529,10 @@ def validate(cfg: RunConfig) -> None:
         ("finetune.lora_dropout", 0 <= f.lora_dropout < 1, "in [0, 1)"),
         ("finetune.good_lr", f_good_lr is None or f_good_lr > 0, "> 0 (or none for train.lr)"),
         ("finetune.further_clean", f.further_clean >= 0, ">= 0"),
+        ("plan.gpus", cfg.plan.gpus >= 1, ">= 1"),
+        ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb > 0, "> 0"),
+        ("plan.mfu", 0 < cfg.plan.mfu <= 1, "in (0, 1]"),
+        ("plan.peak_tflops", cfg.plan.peak_tflops > 0, "> 0"),
     ):
         if not ok:
             raise PoisonlabError(f"config key '{key}' must be {want}, got {get_dotted(cfg, key)!r}")

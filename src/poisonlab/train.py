@@ -176,6 +176,10 @@ def train(cfg: RunConfig, allow_code_change: bool = False) -> dict:
                 raise PoisonlabError(f"train.batch_size {cfg.train.batch_size} must split evenly over {d.world} "
                                      f"processes and micro-batches of {micro}")
             mode = choose_parallelism(cfg, d, device)
+            if device.type == "cuda" and not cfg.model.init_from and cfg.stage == "pretrain":
+                from .memory import check_fits
+
+                check_fits(cfg, stage.tokenizer.vocab_size, d.world, mode, torch.cuda.get_device_properties(device).total_memory)
             model = parallelize(stage.build_model(device), cfg, d, device, dtype, mode)
             step_model = compiled(model, device) if cfg.train.compile else model  # shares the parameters
             return run_stage(stage, model, d, device, dtype, threads, micro, step_model)
