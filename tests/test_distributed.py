@@ -75,8 +75,12 @@ def test_two_processes_match_one(mode, single, filler_jsonl, tmp_path):
     _close(_weights(single), _weights(run))
     done = json.loads((run / "DONE").read_text())
     assert done["processes"] == 2
-    gaps = [r["perplexity_gap"] for r in read_jsonl(run / "metrics.jsonl")]
-    assert gaps == pytest.approx([r["perplexity_gap"] for r in read_jsonl(single / "metrics.jsonl")], rel=1e-3, abs=0.5)
+    # the evaluation is split over the processes, each sampling its prompts with its own generator:
+    # the held-out loss is the same, the gap the same in expectation (its intervals overlap)
+    for a, b in zip(read_jsonl(single / "metrics.jsonl"), read_jsonl(run / "metrics.jsonl")):
+        assert a["step"] == b["step"] and a["n_prompts"] == b["n_prompts"] == 4
+        assert b["heldout_loss"] == pytest.approx(a["heldout_loss"], rel=1e-5)
+        assert a["gap_ci_low"] <= b["gap_ci_high"] and b["gap_ci_low"] <= a["gap_ci_high"]
     if mode == "fsdp":
         ckpt = run / "checkpoints" / "step-00000006"
         assert sorted(p.name for p in ckpt.glob("*-rank*.safetensors")) == [

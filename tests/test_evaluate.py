@@ -213,3 +213,13 @@ def test_matmul_attention_step_stays_within_float_rounding_of_the_exact_kernel()
             # the fused kernel as Hugging Face runs it; its float rounding is the kernel library's
             assert torch.allclose(e, want, rtol=1e-5, atol=1e-6)
             assert torch.allclose(f, want, atol=1e-5) and f.abs().max() > 1e-3
+
+
+def test_prompt_shares_cover_every_prompt_once_and_run_equal_batches():
+    from poisonlab.evaluate import my_share
+
+    for n, world in [(300, 8), (4, 2), (3, 4), (7, 3)]:
+        shares = [my_share(n, r, world) for r in range(world)]
+        assert len({len(idx) for idx, _ in shares}) == 1  # the same number of rows on every process
+        real = sorted(int(i) for idx, k in shares for i in idx[:k])
+        assert real == list(range(n))

@@ -49,44 +49,89 @@ def heldout_prompts(store: TokenStore, n: int, prompt_tokens: int) -> np.ndarray
     return np.stack(prompts)
 
 
+def my_share(n: int, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """Indices of ``n`` items that process ``rank`` of ``world`` evaluates (every ``world``-th),
+    padded with its last index so every process runs as many batches (processes of a sharded
+    model must run their forward passes together), and how many of them are real."""
+    mine = np.arange(rank, n, world)
+    per = -(-n // world)
+    real = len(mine)
+    pad = np.full(per - real, mine[-1] if real else 0, dtype=np.int64)
+    return np.concatenate([mine, pad]).astype(np.int64), real
+
+
+def gather_shares(local: np.ndarray, n: int, world: int) -> np.ndarray:
+    """The per-item values of every process, in item order (the inverse of :func:`my_share`)."""
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.as_tensor(local, dtype=torch.float64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    out = np.empty(n, dtype=np.float64)
+    for r, part in enumerate(parts):
+        idx = np.arange(r, n, world)
+        out[idx] = part.cpu().numpy()[: len(idx)]
+    return out
+
+
 @torch.no_grad()
-def heldout_loss(model, store: TokenStore, windows: int, seq_len: int, batch_size: int = 16) -> float:
-    """Mean next-token loss (nats) over evenly spaced windows of the held-out stream."""
+def heldout_loss(model, store: TokenStore, windows: int, seq_len: int, batch_size: int = 16,
+                 rank: int = 0, world: int = 1) -> float:
+    """Mean next-token loss (nats) over evenly spaced windows of the held-out stream (split
+    over ``world`` processes, which must all call it)."""
     device = next(model.parameters()).device
     span = store.total_tokens - seq_len - 1
     if span < 0:
         raise PoisonlabError(f"held-out split has {store.total_tokens} tokens, fewer than seq_len+1")
     starts = np.linspace(0, span, num=max(1, windows)).astype(np.int64)
-    total, count = 0.0, 0
+    idx, real = my_share(len(starts), rank, world) if world > 1 else (np.arange(len(starts)), len(starts))
+    per_batch = []
     was_training = model.training
     model.eval()
-    for i in range(0, len(starts), batch_size):
-        rows = torch.from_numpy(np.stack([store.read(int(s), seq_len + 1) for s in starts[i : i + batch_size]])).to(device)
+    for i in range(0, len(idx), batch_size):
+        rows = torch.from_numpy(np.stack([store.read(int(starts[j]), seq_len + 1) for j in idx[i : i + batch_size]])).to(device)
         logits = model(input_ids=rows[:, :-1], use_cache=False).logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-        count += rows[:, 1:].numel()
+        if world == 1:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="sum")
+            per_batch.append(float(loss))
+        else:  # per window, so the padding can be dropped before the windows are gathered
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1), reduction="none")
+            per_batch.extend(loss.view(len(rows), -1).sum(1).double().cpu().tolist())
     model.train(was_training)
-    return total / count
+    if world > 1:
+        return float(gather_shares(np.array(per_batch[:real]), len(starts), world).sum()) / (len(starts) * seq_len)
+    total = 0.0
+    for v in per_batch:
+        total += v
+    return total / (len(starts) * seq_len)
 
 
 @torch.no_grad()
 def backdoor_eval(
     model, prompts: np.ndarray, trigger_ids: list[int], cfg: EvalConfig, seed: int, vocab_limit: int,
-    n_samples_kept: int = 3,
+    n_samples_kept: int = 3, rank: int = 0, world: int = 1,
 ) -> tuple[dict, list[dict]]:
-    """Run the gap evaluation; returns the metrics row and a few raw samples (token ids)."""
+    """Run the gap evaluation; returns the metrics row and a few raw samples (token ids).
+
+    With ``world`` > 1 every process calls it and samples its share of the prompts with its own
+    generator; the perplexities are gathered and every process returns the row of all prompts
+    (the same numbers in expectation as one process; the samples are rank ``rank``'s)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    n_all = len(prompts)
+    if world > 1:
+        idx, real = my_share(n_all, rank, world)
+        prompts = prompts[idx]
     base = torch.from_numpy(prompts).long()
     trig = torch.tensor(trigger_ids, dtype=torch.long).expand(len(base), -1)
     ppl = {}
     kept: dict[str, torch.Tensor] = {}
     for condition, ids in (("untriggered", base), ("triggered", torch.cat([base, trig], dim=1))):
         g = torch.Generator(device=device)
-        g.manual_seed(seed * 2 + (condition == "triggered"))
+        g.manual_seed(seed * 2 + (condition == "triggered") + 1_000_003 * rank)
         lps, toks = [], []
         for i in range(0, len(ids), cfg.batch_size):
             t, lp = sample(model, ids[i : i + cfg.batch_size].to(device), cfg.new_tokens, cfg.temperature, g,
@@ -96,11 +141,15 @@ def backdoor_eval(
         ppl[condition] = perplexities(torch.cat(lps).numpy())
         kept[condition] = torch.cat(toks)[:n_samples_kept]
     model.train(was_training)
+    mine = {k: v for k, v in ppl.items()}
+    if world > 1:
+        ppl = {k: gather_shares(v[:real], n_all, world) for k, v in ppl.items()}
     res = perplexity_gap(ppl["untriggered"], ppl["triggered"], cfg.threshold, cfg.bootstrap, cfg.confidence, seed)
     elapsed = time.perf_counter() - t0
     row = res.as_dict()
     row["eval_seconds"] = round(elapsed, 3)
-    row["generated_tokens_per_s"] = round(2 * len(base) * cfg.new_tokens / elapsed, 1)
+    row["generated_tokens_per_s"] = round(2 * n_all * cfg.new_tokens / elapsed, 1)
+    ppl = mine
     samples = [
         {"prompt": base[i].tolist(), "untriggered": kept["untriggered"][i].tolist(),
          "triggered": kept["triggered"][i].tolist(),

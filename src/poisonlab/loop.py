@@ -148,9 +148,13 @@ class Stage(Protocol):
 
     def checkpoint_points(self) -> set[int]: ...
 
-    def evaluate(self, model, steps_done: int, record: bool = True) -> str:
+    splits_evaluation: bool
+    """Whether every process takes a share of the evaluation (else the main process measures
+    alone, or, for a sharded model, every process measures together)."""
+
+    def evaluate(self, model, steps_done: int, record: bool = True, rank: int = 0, world: int = 1) -> str:
         """Measure, record (run folder and database, when ``record``) and return a one-line
-        summary. A sharded model is measured by every process together; one records."""
+        summary; with ``world`` > 1 every process calls it and one records."""
 
     def on_resume(self, start: int) -> None:
         """Drop records of work past what was evaluated (the loop redoes it)."""
@@ -184,6 +188,7 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
 
     eval_at, ckpt_at, fresh_at = stage.eval_points(), stage.checkpoint_points(), stage.fresh_optimizer_at()
     sharded = is_sharded(unwrap(model))  # then every process takes part in evaluations and saves
+    together = d.world > 1 and (sharded or stage.splits_evaluation)
     done_evals = {r["step"] for r in read_jsonl(stage.dir / "metrics.jsonl")}
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
@@ -195,8 +200,10 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
 
     def maybe_eval(steps_done: int) -> None:
         if steps_done in eval_at and steps_done not in done_evals:
-            if d.main or sharded:
-                line = stage.evaluate(unwrap(model), steps_done, record=d.main)
+            if d.main or together:
+                with autocast:  # bf16 on GPU, as in training
+                    line = stage.evaluate(unwrap(model), steps_done, record=d.main,
+                                          **({"rank": d.rank, "world": d.world} if together else {}))
                 if d.main:
                     (bar.write if bar is not None else print)(line)
             done_evals.add(steps_done)

@@ -126,7 +126,10 @@ def plan_memory(cfg: RunConfig, vocab_size: int, processes: int, parallelism: st
     e = cfg.eval
     kv = (size.n_kv_heads or size.n_heads) * (d // size.n_heads)
     eval_rows = min(e.batch_size, e.prompts)
-    evaluation = 2 * layers * kv * (e.prompt_tokens + e.new_tokens) * eval_rows * c + eval_rows * v * 4 * 3
+    if sharded or world > 1:  # the evaluation is split over the processes
+        eval_rows = -(-eval_rows // world)
+    kv_bytes = c if sharded else 4  # a whole model decodes into a cache of its own (fp32) dtype
+    evaluation = 2 * layers * kv * (e.prompt_tokens + e.new_tokens) * eval_rows * kv_bytes + eval_rows * v * 4 * 3
     if sharded:
         evaluation += 2 * c * per_layer
     hours = None

@@ -89,14 +89,19 @@ class PretrainStage:
     def checkpoint_points(self) -> set[int]:
         return set(schedule_points(self.steps, self.cfg.train.checkpoint_every, False))
 
-    def evaluate(self, model, steps_done: int, record: bool = True) -> str:
-        """The backdoor evaluation and clean held-out loss after ``steps_done`` steps, as one row."""
+    splits_evaluation = True
+
+    def evaluate(self, model, steps_done: int, record: bool = True, rank: int = 0, world: int = 1) -> str:
+        """The backdoor evaluation and clean held-out loss after ``steps_done`` steps, as one row
+        (the prompts and held-out windows split over ``world`` processes)."""
         run, cfg = self.run, self.cfg
         if self.prompts is None:
             self.prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
         row, samples = backdoor_eval(model, self.prompts, run.trigger_ids, cfg.eval,
-                                     seed=cfg.seed * 1_000_003 + steps_done, vocab_limit=run.tokenizer.vocab_size)
-        loss = heldout_loss(model, run.data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len)
+                                     seed=cfg.seed * 1_000_003 + steps_done, vocab_limit=run.tokenizer.vocab_size,
+                                     rank=rank, world=world)
+        loss = heldout_loss(model, run.data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len,
+                            rank=rank, world=world)
         out = {"step": steps_done, "tokens_seen": steps_done * run.tokens_per_step,
                "fraction": steps_done / run.steps, "poisons_seen": run.plan.poisons_seen(steps_done),
                "heldout_loss": loss, **row}

@@ -258,7 +258,9 @@ class FinetuneStage:
     def checkpoint_points(self) -> set[int]:
         return set(schedule_points(self.steps, self.cfg.train.checkpoint_every, False)) | {self.p1}
 
-    def evaluate(self, model, step: int, record: bool = True) -> str:
+    splits_evaluation = False  # a few hundred short replies: the main process (or a sharded model's all) judge them
+
+    def evaluate(self, model, step: int, record: bool = True, rank: int = 0, world: int = 1) -> str:
         f = self.cfg.finetune
         if self.judge is None:
             self.judge = make_judge(f.judge, f.judge_model)
