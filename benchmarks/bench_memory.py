@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 from poisonlab.allocator import keep_freed_memory
 from poisonlab.config import config_from_dict
@@ -25,11 +25,16 @@ from poisonlab.models import build_model, get_size
 size, batch, seq, vocab, ac = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 torch.set_num_threads(1)
 keep_freed_memory()
-def rss():
+def status(key):
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) * 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) * 1024
 x = torch.randint(0, vocab, (batch, seq + 1))
-base = rss()
+base = status("VmRSS")
+try:  # restart the peak here: imports may have peaked higher than the baseline for a moment
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
 cfg = config_from_dict({"model": {"size": size}, "train": {"batch_size": batch, "seq_len": seq,
                         "activation_checkpointing": ac}})
 model = build_model(get_size(size), vocab, 0, seq)
@@ -39,7 +44,7 @@ model.train()
 opt = make_optimizer(model, cfg)
 for _ in range(3):
     train_step(model, opt, x, batch, 1.0)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = status("VmHWM")
 print(json.dumps({"measured": peak - base}))
 """
 

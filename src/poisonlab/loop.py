@@ -37,6 +37,8 @@ from .store import db_path, record_run
 
 IGNORE = -100
 """Target id of positions that carry no loss (prompt tokens and padding in fine-tuning)."""
+LOG_EVERY_CUDA = 50
+"""Steps between reads of the loss and gradient norm from a GPU (see :func:`run_stage`)."""
 
 
 def lr_at(step: int, steps: int, cfg: RunConfig) -> float:
@@ -209,6 +211,27 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
             done_evals.add(steps_done)
             d.barrier()
 
+    # On a GPU the loss and gradient norm stay on the device and are read in one transfer every
+    # LOG_EVERY_CUDA steps (and before every evaluation, checkpoint and the end): reading them
+    # each step would stall the device once per step. A divergence is then reported up to that
+    # many steps late; the rows are the same.
+    flush_every = 1 if device.type == "cpu" else LOG_EVERY_CUDA
+    pending: list[tuple[dict, float, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([torch.stack([lo.float(), gn.float()]) for _, _, lo, gn in pending]).cpu().tolist()
+        for (pos, lr_, _, _), (loss_v, gn_v) in zip(pending, values):
+            if not math.isfinite(loss_v):
+                raise PoisonlabError(f"training diverged at step {pos['step']} (loss {loss_v}); lower train.lr")
+            append_jsonl(stage.dir / "train_log.jsonl", {**pos, "loss": loss_v, "lr": lr_, "grad_norm": gn_v})
+        if bar is not None:
+            bar.set_postfix(loss=f"{values[-1][0]:.3f}", tok_s=f"{tokens_since / max(step_seconds, 1e-9):,.0f}",
+                            poisons=pending[-1][0]["poisons_seen"])
+            bar.update(len(pending))
+        pending.clear()
+
     maybe_eval(start)
     t_start = time.perf_counter()
     tokens_since, step_seconds = 0, 0.0  # training steps only, evaluations and checkpoints excluded
@@ -229,15 +252,10 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
         pos = stage.position(steps_done)
         tokens_since += pos["tokens_seen"] - stage.position(step)["tokens_seen"]
         if d.main:
-            loss_v = float(loss)
+            pending.append((pos, lr, loss.detach(), grad_norm.detach()))
+            if len(pending) >= flush_every or steps_done in eval_at or steps_done in ckpt_at or steps_done == stage.steps:
+                flush()
             step_seconds += time.perf_counter() - t_step
-            if not math.isfinite(loss_v):
-                raise PoisonlabError(f"training diverged at step {steps_done} (loss {loss_v}); lower train.lr")
-            append_jsonl(stage.dir / "train_log.jsonl", {**pos, "loss": loss_v, "lr": lr, "grad_norm": float(grad_norm)})
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens_since / max(step_seconds, 1e-9):,.0f}",
-                                poisons=pos["poisons_seen"])
-                bar.update(1)
         maybe_eval(steps_done)
         if steps_done in ckpt_at and steps_done < stage.steps:  # the end is saved as model/ below
             if d.main or sharded:
