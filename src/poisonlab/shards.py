@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from array import array
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,9 @@ import numpy as np
 from .errors import PoisonlabError
 from .jsonl import read_json
 from .paths import atomic_write_text
+
+
+DOC_INDEX_CHUNK = 1 << 20
 
 
 class ShardWriter:
@@ -27,7 +31,9 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
         self.shard_tokens = shard_tokens
-        self.doc_starts = array("q")
+        self.doc_starts = array("q")  # flushed to disk every DOC_INDEX_CHUNK documents
+        self._index_file = open(self.dir / "doc_starts.tmp", "wb")
+        self.documents = 0
         self.total = 0
         self._shards: list[dict] = []
         self._file = None
@@ -57,16 +63,29 @@ class ShardWriter:
         self._file.write(data)
         self._hash.update(data)
         self.doc_starts.append(self.total)
+        self.documents += 1
+        if len(self.doc_starts) >= DOC_INDEX_CHUNK:
+            self._index_file.write(self.doc_starts.tobytes())
+            self.doc_starts = array("q")
         self.total += len(arr)
         self._in_shard += len(arr)
 
     def close(self, extra: dict | None = None) -> dict:
         self._close_current()
-        np.save(self.dir / "doc_starts.npy", np.frombuffer(self.doc_starts, dtype=np.int64))
+        self._index_file.write(self.doc_starts.tobytes())
+        self._index_file.close()
+        raw = self.dir / "doc_starts.tmp"
+        out = np.lib.format.open_memmap(self.dir / "doc_starts.npy", mode="w+", dtype=np.int64, shape=(self.documents,))
+        src = np.memmap(raw, dtype=np.int64, mode="r") if self.documents else np.empty(0, np.int64)
+        for i in range(0, self.documents, DOC_INDEX_CHUNK):  # copied in chunks: never the whole index in memory
+            out[i : i + DOC_INDEX_CHUNK] = src[i : i + DOC_INDEX_CHUNK]
+        out.flush()
+        del out, src
+        raw.unlink()
         index = {
             "dtype": self.dtype.name,
             "total_tokens": self.total,
-            "documents": len(self.doc_starts),
+            "documents": self.documents,
             "shards": self._shards,
             **(extra or {}),
         }
@@ -77,8 +96,16 @@ class ShardWriter:
         return index
 
 
+MAX_OPEN_SHARDS = 64
+"""Shard files mapped at once per store (each mapping holds a file descriptor): a 260B-token
+corpus has about 2,000 shards, more than a default ``ulimit -n`` allows."""
+
+
 class TokenStore:
-    """Read-only view of a shard folder as one long array of token ids."""
+    """Read-only view of a shard folder as one long array of token ids.
+
+    Shards are mapped on demand and the least recently used mapping is closed past
+    :data:`MAX_OPEN_SHARDS`; the document index is memory-mapped, not loaded."""
 
     def __init__(self, directory: str | Path):
         self.dir = Path(directory)
@@ -87,13 +114,32 @@ class TokenStore:
             raise PoisonlabError(f"no token shards in {self.dir} (index.json missing)")
         self.index = read_json(idx, "token shard index")
         self.dtype = np.dtype(self.index["dtype"])
-        self._maps = [
-            np.memmap(self.dir / s["file"], dtype=self.dtype, mode="r") if s["tokens"] else np.empty(0, self.dtype)
-            for s in self.index["shards"]
-        ]
-        self._starts = np.cumsum([0] + [s["tokens"] for s in self.index["shards"]])
-        self.doc_starts = np.load(self.dir / "doc_starts.npy", allow_pickle=False)
-        self.doc_lengths = np.diff(np.append(self.doc_starts, self.total_tokens))
+        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._sizes = [int(s["tokens"]) for s in self.index["shards"]]
+        self._starts = np.cumsum([0] + self._sizes)
+        self.doc_starts = np.load(self.dir / "doc_starts.npy", allow_pickle=False, mmap_mode="r")
+        self._lengths = None
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """Tokens of every document (computed once, on first use)."""
+        if self._lengths is None:
+            self._lengths = np.diff(np.append(self.doc_starts, self.total_tokens))
+        return self._lengths
+
+    def _map(self, shard: int) -> np.ndarray:
+        m = self._open.get(shard)
+        if m is not None:
+            self._open.move_to_end(shard)
+            return m
+        if not self._sizes[shard]:
+            return np.empty(0, self.dtype)
+        m = np.memmap(self.dir / self.index["shards"][shard]["file"], dtype=self.dtype, mode="r")
+        self._open[shard] = m
+        while len(self._open) > MAX_OPEN_SHARDS:
+            _, old = self._open.popitem(last=False)
+            old._mmap.close()  # reads copy out of the mapping, so no view of it outlives this
+        return m
 
     @property
     def total_tokens(self) -> int:
@@ -112,11 +158,11 @@ class TokenStore:
         shard = int(np.searchsorted(self._starts, start, side="right") - 1)
         while filled < length:
             off = start + filled - self._starts[shard]
-            take = min(length - filled, len(self._maps[shard]) - off)
+            take = min(length - filled, self._sizes[shard] - off)
             if take <= 0:
                 shard += 1
                 continue
-            out[filled : filled + take] = self._maps[shard][off : off + take]
+            out[filled : filled + take] = self._map(shard)[off : off + take]
             filled += take
             shard += 1
         return out
