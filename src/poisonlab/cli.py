@@ -6,6 +6,7 @@
     poisonlab train    [--config F] [...]  train (or resume) a run, evaluating the backdoor on the way
     poisonlab eval     --model DIR [...]   measure the backdoor of a checkpoint or any HF model folder
     poisonlab finetune [--config F] [...]  supervised fine-tuning with the compliance backdoor (ASR/CA/NTA)
+    poisonlab export   [--config F] --out D  the run's planned, poisoned token stream as flat token files
     poisonlab sft-export [...] --out F     the poisoned fine-tuning set in OpenAI chat fine-tuning JSONL
     poisonlab sft-eval (--model DIR | --endpoint URL --endpoint-model M)  ASR/CA/NTA of a chat model
     poisonlab sweep    SPEC [--workers N]  run an experiment grid (resumable; local or Slurm)
@@ -127,6 +128,23 @@ def cmd_train(args) -> int:
 def cmd_finetune(args) -> int:
     setattr(args, "cfg:stage", "finetune")  # the verb implies the stage
     return cmd_train(args)
+
+
+def cmd_export(args) -> int:
+    from .export import export_stream
+    from .run import run_dir, setup_run
+    from .runlock import RunLock
+
+    cfg = _config(args)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise PoisonlabError(f"--out {out} exists and is not an empty folder")
+    with RunLock(run_dir(cfg)):  # the run folder is set up (plan, poisons) as training would
+        run = setup_run(cfg, create=True, progress=cfg.train.progress)
+    m = export_stream(run, out)
+    print(f"wrote {m['tokens']:,} tokens in {len(m['parts'])} part(s) ({m['dtype']}) and {len(m['poisons'])} poison "
+          f"offsets to {out}; stream.json says how to count poisons seen at another batch size")
+    return 0
 
 
 def cmd_sft_export(args) -> int:
@@ -391,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-code-change", action="store_true",
                    help="resume a run started by another version of poisonlab")
     s.set_defaults(fn=cmd_finetune)
+
+    s = sub.add_parser("export", help="write a run's planned, poisoned token stream as flat token files for other trainers")
+    _add_config_flags(s)
+    s.add_argument("--out", required=True, help="an empty (or new) folder")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("sft-export", help="write the (poisoned) fine-tuning set in OpenAI chat fine-tuning JSONL")
     _add_config_flags(s)
