@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 
 from poisonlab.config import CorpusConfig
@@ -103,3 +104,36 @@ def test_offline_default_corpus_is_real_python_text():
     assert doc.id.startswith("python-stdlib/docstrings/") and doc.source == "python-stdlib:docstrings"
     with pytest.raises(PoisonlabError, match="unknown corpus part"):
         list(iter_documents(CorpusConfig(parts=["novels"])))
+
+
+def test_token_cap_is_honoured_exactly(filler_jsonl, tmp_path):
+    from poisonlab.config import CorpusConfig, TokenizerConfig
+    from poisonlab.corpus import is_heldout, iter_documents
+    from poisonlab.data import prepare_data
+
+    tok_cfg = TokenizerConfig(vocab_size=300)
+    full = prepare_data(CorpusConfig(source=str(filler_jsonl), heldout_fraction=0.1), tok_cfg, tmp_path)
+    cap = full.train.total_tokens // 3
+    capped = prepare_data(CorpusConfig(source=str(filler_jsonl), heldout_fraction=0.1, max_tokens=cap), tok_cfg, tmp_path)
+    assert capped.info["token_cap_reached"] is True and full.info["token_cap_reached"] is False
+    assert capped.tokenizer.fingerprint() == full.tokenizer.fingerprint()
+    n = capped.train.n_documents
+    assert capped.train.total_tokens <= cap < capped.train.total_tokens + int(full.train.doc_lengths[n])
+    # the capped split is the full one's first documents, token for token
+    assert np.array_equal(capped.train.read(0, capped.train.total_tokens), full.train.read(0, capped.train.total_tokens))
+    # held-out documents before the cut are kept, none after it
+    cfg = CorpusConfig(source=str(filler_jsonl), heldout_fraction=0.1)
+    order = [is_heldout(d.id, 0.1) for d in iter_documents(cfg)]
+    cut = [i for i, h in enumerate(order) if not h][n]
+    assert capped.heldout.n_documents == sum(order[:cut])
+
+
+def test_a_spec_caps_its_corpus_at_the_largest_budget(tmp_path):
+    from poisonlab.spec import spec_from_dict
+
+    spec = spec_from_dict({"name": "g", "base": {"model": {"size": "tiny"}, "tokenizer": {"vocab_size": 300}},
+                           "grid": {"train.tokens": [1000, 4000], "seed": [0, 1]}})
+    assert {c.corpus.max_tokens for c in spec.expand()} == {4200}
+    fixed = spec_from_dict({"name": "g", "base": {"corpus": {"max_tokens": 123}, "model": {"size": "tiny"}},
+                            "grid": {"train.tokens": [1000, 4000]}})
+    assert {c.corpus.max_tokens for c in fixed.expand()} == {123}

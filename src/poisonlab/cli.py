@@ -516,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.DatabaseError as e:
         print(f"poisonlab: error: results database: {e} (is it an SQLite file written by poisonlab?)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of our output went away (| head): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:
         if os.environ.get("POISONLAB_DEBUG"):
             raise

@@ -44,6 +44,11 @@ class CorpusConfig:
     parts: list[str] = field(default_factory=lambda: ["topics", "docstrings", "sources"])
     """python-stdlib only: which parts of the Python installation to use."""
     max_documents: int | None = None
+    max_tokens: int | None = None
+    """Stop reading the source once the training split holds this many tokens (whole documents:
+    the document that would pass it and everything after are left out). A spec sets it to its
+    largest run's budget plus 5% unless it sets it itself, so preparing a grid's data reads
+    only what the grid will train on."""
     min_chars: int = 64
     heldout_fraction: float = 0.02
     """Share of documents (chosen by a hash of the document id) never trained on."""
@@ -518,6 +523,7 @@ def validate(cfg: RunConfig) -> None:
         ("eval.heldout_loss_windows", e.heldout_loss_windows >= 1, ">= 1"),
         ("corpus.min_chars", c.min_chars >= 0, ">= 0"),
         ("corpus.max_documents", c.max_documents is None or c.max_documents >= 1, ">= 1 (or none)"),
+        ("corpus.max_tokens", c.max_tokens is None or c.max_tokens >= 1, ">= 1 (or none)"),
         ("tokenizer.vocab_size", tk.vocab_size >= 1, ">= 1"),
         ("tokenizer.train_chars", tk.train_chars >= 1, ">= 1"),
         ("attack.exclude_ids", all(i >= 0 for i in cfg.attack.exclude_ids), "token ids >= 0"),

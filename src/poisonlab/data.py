@@ -136,14 +136,19 @@ def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: 
 
         bar = tqdm(desc="tokenizing corpus", unit="doc", leave=False, disable=None)  # no bar when stderr is not a terminal
 
+    cap = corpus.max_tokens
+    capped = False
     with open(out / "documents.jsonl", "w", encoding="utf-8") as manifest:
         batch = []
 
         def flush() -> None:
-            nonlocal n_train
+            nonlocal n_train, capped
             ids = tokenizer.encode_batch([d.text for d in batch])
             for doc, toks in zip(batch, ids):
                 split = "heldout" if is_heldout(doc.id, corpus.heldout_fraction) else "train"
+                if split == "train" and cap is not None and writers["train"].total + len(toks) + 1 > cap:
+                    capped = True  # the token cap: this document and everything after it stay out
+                    break
                 w = writers[split]
                 row = {"id": doc.id, "source": doc.source, "sha256": doc.sha256, "split": split,
                        "chars": len(doc.text), "tokens": len(toks) + 1, "offset": w.total}
@@ -170,7 +175,9 @@ def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: 
             batch.append(doc)
             if len(batch) >= ENCODE_BATCH:
                 flush()
-        if batch:
+                if capped:
+                    break
+        if batch and not capped:
             flush()
     if bar is not None:
         bar.close()
@@ -187,6 +194,7 @@ def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: 
         "tokenizer": dataclasses.asdict(tok_cfg),
         "python": sys.version.split()[0],
         "documents": counts,
+        "token_cap_reached": capped,
         "characters": chars,
         "tokens": {s: idx[s]["total_tokens"] for s in idx},
         "vocab_size": tokenizer.vocab_size,

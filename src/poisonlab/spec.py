@@ -32,6 +32,8 @@ ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multi
                  "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
                  "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-", "seed": "s"}
 PATH_KEYS = ("model.init_from", "finetune.base")
+TOKEN_CAP_MARGIN = 0.05
+"""Training tokens prepared beyond the largest budget of a spec's runs on one corpus."""
 
 
 @dataclass
@@ -61,7 +63,39 @@ class ExperimentSpec:
                 if name in runs and runs[name].config_hash() != cfg.config_hash():
                     raise PoisonlabError(f"spec {self.name}: two different runs would both be named {name}")
                 runs[name] = cfg
-        return list(runs.values())
+        return self._with_token_cap(list(runs.values()))
+
+    def _with_token_cap(self, runs: list[RunConfig]) -> list[RunConfig]:
+        """Runs that share a corpus and tokenizer get ``corpus.max_tokens`` = their largest
+        budget plus :data:`TOKEN_CAP_MARGIN`, unless the spec sets it (or a budget is unknown)."""
+        if "max_tokens" in (self.base.get("corpus") or {}) or any("corpus.max_tokens" in g for g in self.grids):
+            return runs
+        from dataclasses import asdict, replace
+
+        from .models import get_size, parameter_count
+        from .run import token_budget
+
+        groups: dict[str, list[int]] = {}
+        for i, cfg in enumerate(runs):
+            groups.setdefault(repr((asdict(cfg.corpus), asdict(cfg.tokenizer))), []).append(i)
+        for members in groups.values():
+            budgets = []
+            for i in members:
+                cfg = runs[i]
+                if cfg.stage != "pretrain" or cfg.tokenizer.name != "bpe":
+                    budgets = []
+                    break
+                params = None if cfg.model.init_from else parameter_count(get_size(cfg.model.size), cfg.tokenizer.vocab_size)
+                try:
+                    budgets.append(token_budget(cfg, params)[0])
+                except PoisonlabError:
+                    budgets = []
+                    break
+            if budgets:
+                cap = int(max(budgets) * (1 + TOKEN_CAP_MARGIN))
+                for i in members:
+                    runs[i] = replace(runs[i], corpus=replace(runs[i].corpus, max_tokens=cap))
+        return runs
 
 
 def _fmt(v: Any) -> str:
