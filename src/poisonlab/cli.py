@@ -228,10 +228,19 @@ def _spec(args):
     return load_spec(path, out_dir=args.out_dir)
 
 
+CLUSTER_FLAGS = {"nodes": "cluster.nodes", "gpus_per_node": "cluster.gpus_per_node", "partition": "cluster.partition",
+                 "account": "cluster.account", "qos": "cluster.qos", "constraint": "cluster.constraint",
+                 "time": "cluster.time_min"}
+
+
 def cmd_sweep(args) -> int:
+    from .config import set_dotted
     from .sweep import run_sweep, status
 
     spec = _spec(args)
+    for flag, key in CLUSTER_FLAGS.items():  # Slurm settings from the command line win over the spec's
+        if getattr(args, flag, None) is not None:
+            set_dotted(spec.base, key, getattr(args, flag))
     if args.dry_run:
         from .run import token_budget
         from .models import get_size, parameter_count
@@ -445,7 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="parallel runs (default: one per core, at most one per run)")
     s.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local", "submitit-debug"],
                    help="local processes, or submitit: Slurm jobs (or submitit's local/debug modes)")
-    s.add_argument("--dry-run", action="store_true", help="list the runs, their budgets and their state")
+    s.add_argument("--dry-run", action="store_true", help="list the runs, their budgets, memory plans and state")
+    g = s.add_argument_group("Slurm (also the spec's cluster section)")
+    g.add_argument("--nodes", type=int, help="nodes per run")
+    g.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="GPUs per node (one task each)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--time", type=int, help="minutes per job; longer runs are requeued and resume")
     s.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("results", help="query the results database; export CSV or JSON")

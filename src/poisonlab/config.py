@@ -251,17 +251,30 @@ class FinetuneConfig:
 
 
 @dataclass
-class PlanConfig:
-    """The hardware a run is planned for (``sweep --dry-run`` and the check before training):
-    where it runs, not what it computes."""
+class ClusterConfig:
+    """Where a run is launched and the hardware it is planned for (``sweep --executor slurm``,
+    ``sweep --dry-run`` and the memory check before training): where it runs, not what it
+    computes."""
 
-    gpus: int = field(default=8, metadata=SPEED_ONLY)
-    """Processes (one per GPU) the run will be launched with."""
+    nodes: int = field(default=1, metadata=SPEED_ONLY)
+    gpus_per_node: int = field(default=8, metadata=SPEED_ONLY)
+    """GPUs per node, one training process each."""
     gpu_memory_gb: float = field(default=80.0, metadata=SPEED_ONLY)
     mfu: float = field(default=0.4, metadata=SPEED_ONLY)
     """Model FLOPs utilisation assumed for GPU-hours."""
     peak_tflops: float = field(default=989.0, metadata=SPEED_ONLY)
     """Dense bf16 peak of one GPU (H100 SXM: 989)."""
+    partition: str | None = field(default=None, metadata=SPEED_ONLY)
+    account: str | None = field(default=None, metadata=SPEED_ONLY)
+    qos: str | None = field(default=None, metadata=SPEED_ONLY)
+    constraint: str | None = field(default=None, metadata=SPEED_ONLY)
+    time_min: int = field(default=24 * 60, metadata=SPEED_ONLY)
+    """Minutes per Slurm job; a run that needs longer is requeued and resumes from its checkpoint."""
+    cpus_per_gpu: int = field(default=8, metadata=SPEED_ONLY)
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
 
 
 @dataclass
@@ -279,7 +292,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    plan: PlanConfig = field(default_factory=PlanConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -535,10 +548,13 @@ def validate(cfg: RunConfig) -> None:
         ("finetune.lora_dropout", 0 <= f.lora_dropout < 1, "in [0, 1)"),
         ("finetune.good_lr", f_good_lr is None or f_good_lr > 0, "> 0 (or none for train.lr)"),
         ("finetune.further_clean", f.further_clean >= 0, ">= 0"),
-        ("plan.gpus", cfg.plan.gpus >= 1, ">= 1"),
-        ("plan.gpu_memory_gb", cfg.plan.gpu_memory_gb > 0, "> 0"),
-        ("plan.mfu", 0 < cfg.plan.mfu <= 1, "in (0, 1]"),
-        ("plan.peak_tflops", cfg.plan.peak_tflops > 0, "> 0"),
+        ("cluster.nodes", cfg.cluster.nodes >= 1, ">= 1"),
+        ("cluster.gpus_per_node", cfg.cluster.gpus_per_node >= 1, ">= 1"),
+        ("cluster.gpu_memory_gb", cfg.cluster.gpu_memory_gb > 0, "> 0"),
+        ("cluster.mfu", 0 < cfg.cluster.mfu <= 1, "in (0, 1]"),
+        ("cluster.peak_tflops", cfg.cluster.peak_tflops > 0, "> 0"),
+        ("cluster.time_min", cfg.cluster.time_min >= 1, ">= 1"),
+        ("cluster.cpus_per_gpu", cfg.cluster.cpus_per_gpu >= 1, ">= 1"),
     ):
         if not ok:
             raise PoisonlabError(f"config key '{key}' must be {want}, got {get_dotted(cfg, key)!r}")

@@ -180,12 +180,12 @@ def fits_whole(cfg: RunConfig, device_bytes: int, processes: int = 2) -> bool:
 
 
 def run_plan(cfg: RunConfig, vocab_size: int, tokens: int | None) -> tuple[MemoryPlan, str | None]:
-    """The plan of ``cfg`` on the hardware of its ``plan`` section (GPUs when it trains on CUDA,
+    """The plan of ``cfg`` on the hardware of its ``cluster`` section (GPUs when it trains on CUDA,
     one CPU process otherwise) and, when it does not fit, the setting that would."""
     cuda = cfg.train.device.startswith("cuda")
     if not cuda:
         return plan_memory(cfg, vocab_size, 1, "ddp", cuda=False, tokens=None), None
-    p = cfg.plan
+    p = cfg.cluster
     kw = dict(tokens=tokens, mfu=p.mfu, peak_flops=p.peak_tflops * 1e12)
     if cfg.train.parallelism == "auto":  # the choice the run will make: fsdp where ddp does not fit
         mode = "ddp" if fits_whole(cfg, int(p.gpu_memory_gb * GIB), p.gpus) else "fsdp"
@@ -206,4 +206,4 @@ def check_fits(cfg: RunConfig, vocab_size: int, processes: int, parallelism: str
     raise PoisonlabError(
         f"run {cfg.name} needs about {plan.total / GIB:,.1f} GiB per GPU ({parallelism}, {processes} processes) but "
         f"the device has {device_bytes / GIB:,.1f} GiB; " + (f"pass {advice}" if advice else
-                                                          "use more GPUs (plan.gpus) or a smaller micro-batch"))
+                                                          "use more GPUs (cluster.nodes, cluster.gpus_per_node) or a smaller micro-batch"))

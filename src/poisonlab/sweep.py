@@ -10,6 +10,7 @@ any worker starts.
 from __future__ import annotations
 
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -99,10 +100,39 @@ def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", p
     return status(spec)
 
 
-def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], workers: int, progress: bool) -> None:
+def gpu_slots(todo: list[RunConfig], workers: int, visible: int) -> list[str] | None:
+    """The GPUs each local worker gets (``CUDA_VISIBLE_DEVICES`` values), or None for CPU runs:
+    the visible GPUs dealt out so that no two workers share one."""
+    if not any(c.train.device.startswith("cuda") for c in todo) or visible == 0:
+        return None
+    if workers > visible:
+        raise PoisonlabError(f"{workers} workers but {visible} GPUs: give --workers {visible} or fewer")
+    per = visible // workers
+    return [",".join(str(g) for g in range(w * per, (w + 1) * per)) for w in range(workers)]
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], workers: int, progress: bool,
+               visible_gpus: int | None = None) -> None:
     cores = available_cores()
-    workers = max(1, min(workers or cores, len(todo) or 1, cores))
+    visible = _visible_gpus() if visible_gpus is None else visible_gpus
+    on_gpu = any(c.train.device.startswith("cuda") for c in todo) and visible > 0
+    workers = max(1, min(workers or (visible if on_gpu else cores), len(todo) or 1, visible if on_gpu else cores))
     threads = max(1, cores // workers)
+    slots: queue.Queue[str] | None = None
+    assigned = gpu_slots(todo, workers, visible)
+    if assigned is not None:
+        slots = queue.Queue()
+        for s_ in assigned:
+            slots.put(s_)
     logs = Path(spec.out_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
@@ -113,9 +143,17 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
         bar = tqdm(total=len(todo), desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True, disable=None)
 
     def one(cfg: RunConfig) -> None:
-        with open(logs / f"{cfg.name}.log", "a") as log:
-            rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT,
-                                 env={**os.environ, PARENT_ENV: str(os.getpid())})  # the worker dies with the sweep
+        env = {**os.environ, PARENT_ENV: str(os.getpid())}  # the worker dies with the sweep
+        gpus = slots.get() if slots is not None else None
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus  # its own GPU(s), seen as cuda:0...
+        try:
+            with open(logs / f"{cfg.name}.log", "a") as log:
+                rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT,
+                                     env=env)
+        finally:
+            if gpus is not None:
+                slots.put(gpus)
         if rc != 0:
             failures.append(f"{cfg.name} (exit {rc}, see {logs / (cfg.name + '.log')})")
         if bar is not None:
@@ -168,12 +206,49 @@ def _steps(d: Path) -> int:
         return 0
 
 
-def _train_job(config_path: str) -> dict:
-    """What a cluster job runs: one ``poisonlab train`` of a resolved config (resumes if restarted)."""
-    from .config import load_config
-    from .train import train
+class TrainJob:
+    """What a cluster job runs: ``poisonlab train`` of one resolved config, on every task of the
+    job (one task per GPU; submitit's distributed environment gives each its rank), resumed from
+    its last checkpoint when the job is requeued after a timeout or a preemption."""
 
-    return train(load_config(config_path))
+    def __call__(self, config_path: str) -> dict:
+        import submitit
+
+        from .config import load_config
+        from .parallel import close_distributed
+        from .train import train
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # rank, world size, master address and port for torch.distributed
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        try:
+            return train(load_config(config_path))
+        finally:
+            close_distributed()
+
+    def checkpoint(self, config_path: str):
+        """Called by submitit on timeout or preemption: submit the same run again; it resumes
+        from its newest intact checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(), config_path)
+
+
+def slurm_parameters(cfg: RunConfig, name: str) -> dict:
+    """submitit's parameters for one run: nodes, one task per GPU, the GPUs, CPUs, time and
+    where to queue it."""
+    c = cfg.cluster
+    on_gpu = cfg.train.device.startswith("cuda") or cfg.train.device == "auto"
+    params = {"name": name, "nodes": c.nodes, "timeout_min": c.time_min, "slurm_signal_delay_s": 180,
+              "tasks_per_node": c.gpus_per_node if on_gpu else 1,
+              "cpus_per_task": c.cpus_per_gpu}
+    if on_gpu:
+        params["gpus_per_node"] = c.gpus_per_node
+    for key, value in (("slurm_partition", c.partition), ("slurm_account", c.account), ("slurm_qos", c.qos),
+                       ("slurm_constraint", c.constraint)):
+        if value:
+            params[key] = value
+    return params
 
 
 def _run_submitit(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], executor: str, slurm: dict) -> None:
@@ -183,11 +258,15 @@ def _run_submitit(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, 
         raise PoisonlabError("the slurm executor needs submitit: pip install 'poisonlab[slurm]'") from None
     cluster = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}[executor]
     folder = Path(spec.out_dir) / "submitit"
-    ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {"timeout_min": 60 * 24, "name": spec.name}
-    params.update(slurm)
-    ex.update_parameters(**params)
-    jobs = [ex.submit(_train_job, str(paths[cfg.name])) for cfg in todo]
+    jobs = []
+    for cfg in todo:  # runs may ask for different nodes and GPUs: one executor setting per run
+        ex = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+        params = slurm_parameters(cfg, f"{spec.name}:{cfg.name}")
+        if cluster != "slurm":  # submitit's local modes take no Slurm settings and one task per GPU here
+            params = {"name": params["name"], "timeout_min": params["timeout_min"], "tasks_per_node": 1, "nodes": 1}
+        params.update(slurm)
+        ex.update_parameters(**params)
+        jobs.append(ex.submit(TrainJob(), str(paths[cfg.name])))
     errors = []
     for cfg, job in zip(todo, jobs):
         try:
