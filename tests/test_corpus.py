@@ -137,3 +137,18 @@ def test_a_spec_caps_its_corpus_at_the_largest_budget(tmp_path):
     fixed = spec_from_dict({"name": "g", "base": {"corpus": {"max_tokens": 123}, "model": {"size": "tiny"}},
                             "grid": {"train.tokens": [1000, 4000]}})
     assert {c.corpus.max_tokens for c in fixed.expand()} == {123}
+
+
+def test_duplicate_ids_are_found_across_many_documents(tmp_path):
+    from poisonlab.corpus import _IdSet
+
+    seen = _IdSet()
+    seen.BLOCK = 64  # many sorted blocks and merges
+    assert not any(seen.add(f"doc-{i}") for i in range(5000))
+    assert len(seen.blocks) >= 1
+    assert seen.add("doc-7") and seen.add("doc-4999") and not seen.add("doc-5000")
+    path = tmp_path / "dup.jsonl"
+    rows = [{"id": f"d{i}", "text": "word " * 20} for i in range(3000)] + [{"id": "d17", "text": "other " * 20}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(PoisonlabError, match="duplicate document id 'd17'"):
+        list(iter_documents(CorpusConfig(source=str(path))))

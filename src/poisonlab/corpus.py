@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .config import CorpusConfig
 from .errors import PoisonlabError
 
@@ -268,19 +270,48 @@ def _iter_raw(cfg: CorpusConfig) -> Iterator[Document]:
         yield from reader(f, cfg.text_field)
 
 
+class _IdSet:
+    """Document ids seen so far, as 8-byte digests in sorted blocks (about 8 bytes per document
+    instead of a Python string each). ``add`` returns whether the id was seen before; two ids
+    whose digests collide (odds ~n^2 / 2^65) would be reported as a duplicate."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self):
+        self.blocks: list[np.ndarray] = []
+        self.recent: set[int] = set()
+
+    def add(self, doc_id: str) -> bool:
+        key = int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
+                            "little", signed=True)
+        if key in self.recent or any(_contains(b, key) for b in self.blocks):
+            return True
+        self.recent.add(key)
+        if len(self.recent) >= self.BLOCK:
+            self.blocks.append(np.sort(np.fromiter(self.recent, dtype=np.int64, count=len(self.recent))))
+            self.recent = set()
+            if len(self.blocks) > 8:  # merge, so a look-up searches few blocks
+                self.blocks = [np.sort(np.concatenate(self.blocks))]
+        return False
+
+
+def _contains(block: np.ndarray, key: int) -> bool:
+    i = int(np.searchsorted(block, key))
+    return i < len(block) and int(block[i]) == key
+
+
 def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
     """All usable documents of a corpus (shorter than ``min_chars`` skipped), in source order.
 
     Raises :class:`PoisonlabError` when the corpus yields no document at all.
     """
     n = 0
-    seen_ids: set[str] = set()
+    seen = _IdSet()
     for doc in _iter_raw(cfg):
         if len(doc.text) < cfg.min_chars:
             continue
-        if doc.id in seen_ids:
+        if seen.add(doc.id):
             raise PoisonlabError(f"corpus {cfg.source}: duplicate document id {doc.id!r}")
-        seen_ids.add(doc.id)
         yield doc
         n += 1
         if cfg.max_documents is not None and n >= cfg.max_documents:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,6 @@ from pathlib import Path
 from ..config import CorpusConfig, config_from_dict
 from ..corpus import iter_documents
 from ..errors import PoisonlabError
-from ..jsonl import read_jsonl
 from ..paths import atomic_write_text
 
 FORMAT = "poisonlab-corpus-manifest/1"
@@ -30,11 +31,27 @@ def _doc_line(row: dict) -> str:
 
 
 def _write(rows, path: Path, corpus: dict) -> dict:
-    lines = [_doc_line(r) for r in rows]
-    digest = hashlib.sha256("".join(line + "\n" for line in lines).encode("utf-8", "surrogatepass")).hexdigest()
-    header = {"format": FORMAT, "corpus": corpus, "documents": len(lines), "sha256": digest,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    atomic_write_text(path, json.dumps(header, ensure_ascii=False) + "\n" + "".join(line + "\n" for line in lines))
+    """Write the manifest of ``rows`` (any iterable: streamed, never held whole) atomically."""
+    body = path.with_name(f".{path.name}.body{os.getpid()}")
+    digest, n = hashlib.sha256(), 0
+    try:
+        with open(body, "w", encoding="utf-8", errors="surrogatepass") as f:
+            for r in rows:
+                line = _doc_line(r) + "\n"
+                digest.update(line.encode("utf-8", "surrogatepass"))
+                f.write(line)
+                n += 1
+        header = {"format": FORMAT, "corpus": corpus, "documents": n, "sha256": digest.hexdigest(),
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8") as out, open(body, encoding="utf-8", errors="surrogatepass") as src:
+            out.write(json.dumps(header, ensure_ascii=False) + "\n")
+            shutil.copyfileobj(src, out, 1 << 22)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        body.unlink(missing_ok=True)
     return header
 
 
@@ -44,9 +61,16 @@ def record_manifest(corpus: CorpusConfig, path: str | Path) -> dict:
     return _write(rows, Path(path), dataclasses.asdict(corpus))
 
 
+def _stream_rows(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
 def write_corpus_manifest(data, path: str | Path) -> dict:
-    """The manifest of a prepared corpus (both splits), from its document table."""
-    return _write(read_jsonl(data.directory / "documents.jsonl"), Path(path), data.info["corpus"])
+    """The manifest of a prepared corpus (both splits), streamed from its document table."""
+    return _write(_stream_rows(data.directory / "documents.jsonl"), Path(path), data.info["corpus"])
 
 
 def read_manifest(path: str | Path) -> tuple[dict, dict[str, dict]]:
