@@ -21,7 +21,6 @@ from pathlib import Path
 from ..config import CorpusConfig, config_from_dict
 from ..corpus import iter_documents
 from ..errors import PoisonlabError
-from ..paths import atomic_write_text
 
 FORMAT = "poisonlab-corpus-manifest/1"
 
