@@ -82,3 +82,46 @@ def loader_cost(steps: int = 200, batch: int = 32, seq_len: int = 128) -> dict:
         for s in range(steps):
             stream.batch(s, batch, seq_len)
         return {"seconds_per_step": (time.perf_counter() - t) / steps}
+
+
+RANK = """
+import sys, json
+from poisonlab.config import config_from_dict
+from poisonlab.run import setup_run
+cfg = config_from_dict({"name": "mem", "out_dir": sys.argv[2], "corpus": {"source": sys.argv[1]},
+                        "tokenizer": {"vocab_size": 2048, "train_chars": 50_000_000}, "model": {"size": "1m"},
+                        "attack": {"poison_count": 250}, "train": {"tokens": int(sys.argv[3]), "batch_size": 32,
+                        "seq_len": 128}})
+run = setup_run(cfg)  # the corpus manifest, the plan, the stream: what a training rank opens
+stream = run.stream()
+for step in range(0, run.steps, max(1, run.steps // 50)):
+    stream.batch(step, 32, 128)
+hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+print(json.dumps({"peak_rss_bytes": hwm, "documents": run.data.train.n_documents}))
+"""
+
+
+def scale_memory(work: Path, sizes: list[float]) -> list[dict]:
+    """Peak memory of preparing ``sizes`` GB of text and of opening a training run over it."""
+    rows = []
+    for gb in sizes:
+        sub = work / f"{gb:g}GB"
+        prep = tokenize(sub, gb)
+        res = subprocess.run([sys.executable, "-c", RANK, str(sub / "corpus.jsonl"), str(sub), str(prep["tokens"] // 2)],
+                             capture_output=True, text=True, check=True)
+        rank = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append({"gigabytes": gb, "tokens": prep["tokens"], "tokens_per_s": round(prep["tokens_per_s"]),
+                     "prepare_peak_gib": round(prep["peak_rss_bytes"] / 2**30, 3),
+                     "rank_peak_gib": round(rank["peak_rss_bytes"] / 2**30, 3), "documents": rank["documents"]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="memory of corpus preparation and of a training rank as the corpus grows")
+    ap.add_argument("--sizes", default="1,4", help="gigabytes of text, comma-separated")
+    ap.add_argument("--work", default="runs/bench-scale")
+    a = ap.parse_args()
+    scale_memory(Path(a.work), [float(x) for x in a.sizes.split(",")])

@@ -70,7 +70,7 @@ def test_identity_is_the_non_default_settings_without_speed_only_ones():
     # the allocator, compilation, micro-batching, progress bars, and where the run lives
     assert SPEED_ONLY_KEYS == {"name", "out_dir", "train.threads", "train.keep_freed_memory", "train.compile",
                                "train.micro_batch_size", "train.progress", "train.parallelism",
-                               "train.activation_checkpointing"} | {f"cluster.{k}" for k in (
+                               "train.activation_checkpointing", "corpus.prepare_workers"} | {f"cluster.{k}" for k in (
                                    "nodes", "gpus_per_node", "gpu_memory_gb", "mfu", "peak_tflops", "partition",
                                    "account", "qos", "constraint", "time_min", "cpus_per_gpu")}
     fast = config_from_dict({"attack": {"poison_count": 251}, "train": {"lr": 1e-3, "threads": 7, "compile": True,

@@ -50,6 +50,10 @@ class CorpusConfig:
     largest run's budget plus 5% unless it sets it itself, so preparing a grid's data reads
     only what the grid will train on."""
     min_chars: int = 64
+    prepare_workers: int = field(default=1, metadata=SPEED_ONLY)
+    """Processes that tokenize the corpus (through datatrove's local executor); the prepared data
+    is byte for byte the one a single process writes. One-file sources are split by byte ranges
+    (uncompressed JSONL) or by files (folders); the default corpus and hub datasets use one."""
     heldout_fraction: float = 0.02
     """Share of documents (chosen by a hash of the document id) never trained on."""
 
@@ -537,6 +541,7 @@ def validate(cfg: RunConfig) -> None:
         ("corpus.min_chars", c.min_chars >= 0, ">= 0"),
         ("corpus.max_documents", c.max_documents is None or c.max_documents >= 1, ">= 1 (or none)"),
         ("corpus.max_tokens", c.max_tokens is None or c.max_tokens >= 1, ">= 1 (or none)"),
+        ("corpus.prepare_workers", c.prepare_workers >= 1, ">= 1"),
         ("tokenizer.vocab_size", tk.vocab_size >= 1, ">= 1"),
         ("tokenizer.train_chars", tk.train_chars >= 1, ">= 1"),
         ("attack.exclude_ids", all(i >= 0 for i in cfg.attack.exclude_ids), "token ids >= 0"),

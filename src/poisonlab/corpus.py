@@ -136,11 +136,15 @@ def _iter_text_folder(root: Path) -> Iterator[Document]:
             yield Document(f"{root.name}/{p.relative_to(root).as_posix()}", text, f"text:{root}")
 
 
-def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
-    """Rows of a ``.jsonl`` or gzip-compressed ``.jsonl.gz`` file (UTF-8)."""
+def _iter_jsonl(path: Path, field: str, start: int = 0, end: int | None = None, first_line: int = 1) -> Iterator[Document]:
+    """Rows of a ``.jsonl`` or gzip-compressed ``.jsonl.gz`` file (UTF-8); of an uncompressed
+    one, optionally only the lines that start in bytes ``[start, end)`` (``start`` at a line's
+    start, which is line ``first_line``)."""
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        for lineno, raw in enumerate(_lines(f, path), 1):
+        if start:
+            f.seek(start)
+        for lineno, raw in enumerate(_lines(f, path, end), first_line):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -157,9 +161,18 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[Document]:
             yield Document(doc_id, row[field], f"jsonl:{path}")
 
 
-def _lines(f, path: Path) -> Iterator[bytes]:
+def _lines(f, path: Path, end: int | None = None) -> Iterator[bytes]:
     try:
-        yield from f
+        if end is None:
+            yield from f
+            return
+        pos = f.tell()
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            pos += len(line)
+            yield line
     except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated gzip stream
         raise PoisonlabError(f"{path}: cannot be read ({e})") from None
 
@@ -265,9 +278,30 @@ def _iter_raw(cfg: CorpusConfig) -> Iterator[Document]:
             yield from _iter_text_folder(p)
         return
     reader = _iter_jsonl if kind == "jsonl" else _iter_parquet
-    files = [p] if p.is_file() else sorted([*p.glob(f"*.{kind}"), *(p.glob("*.jsonl.gz") if kind == "jsonl" else [])])
-    for f in files:
+    for f in source_files(cfg):
         yield from reader(f, cfg.text_field)
+
+
+def source_files(cfg: CorpusConfig) -> list[Path]:
+    """The files of a JSONL or Parquet source, in the order they are read."""
+    kind, p = _detect_kind(cfg), Path(cfg.source)
+    return [p] if p.is_file() else sorted([*p.glob(f"*.{kind}"), *(p.glob("*.jsonl.gz") if kind == "jsonl" else [])])
+
+
+def detect_kind(cfg: CorpusConfig) -> str:
+    return _detect_kind(cfg)
+
+
+def read_part(cfg: CorpusConfig, part: dict) -> Iterator[Document]:
+    """The raw documents of one part of a source (see :mod:`poisonlab.prepare`), in order."""
+    if part["kind"] == "whole":
+        yield from _iter_raw(cfg)
+    elif part["kind"] == "range":
+        yield from _iter_jsonl(Path(part["file"]), cfg.text_field, part["start"], part["end"], part["first_line"])
+    else:
+        reader = _iter_jsonl if _detect_kind(cfg) == "jsonl" else _iter_parquet
+        for f in part["files"]:
+            yield from reader(Path(f), cfg.text_field)
 
 
 class _IdSet:

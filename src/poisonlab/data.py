@@ -55,8 +55,15 @@ class PreparedData:
         }
 
 
+def corpus_settings(corpus: CorpusConfig) -> dict:
+    """The corpus settings that decide the prepared data (how many processes made it does not)."""
+    d = dataclasses.asdict(corpus)
+    d.pop("prepare_workers")
+    return d
+
+
 def cache_key(corpus: CorpusConfig, tok: TokenizerConfig) -> str:
-    d = {"format": FORMAT_VERSION, "corpus": dataclasses.asdict(corpus), "tokenizer": dataclasses.asdict(tok)}
+    d = {"format": FORMAT_VERSION, "corpus": corpus_settings(corpus), "tokenizer": dataclasses.asdict(tok)}
     if corpus.source == "python-stdlib":
         d["python"] = sys.version  # the default corpus is whatever this Python ships
     if tok.name != "bpe":
@@ -113,84 +120,112 @@ def load_prepared(directory: str | Path) -> PreparedData:
     return PreparedData(d, Tokenizer.load(d / "tokenizer"), TokenStore(d / "train"), TokenStore(d / "heldout"), info)
 
 
-def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: bool) -> None:
-    out.mkdir(parents=True)
+class _Assembler:
+    """Lays tokenized documents, in corpus order, into the prepared folder: the two splits'
+    shards, ``documents.jsonl``, the manifest hash, the prefix bank and the token cap. One
+    process feeds it whether the tokens were made here or by parallel tasks
+    (:mod:`poisonlab.prepare`), so both paths write the same bytes."""
+
+    def __init__(self, out: Path, tokenizer: Tokenizer, corpus: CorpusConfig):
+        self.tokenizer, self.corpus = tokenizer, corpus
+        self.writers = {s: ShardWriter(out / s, tokenizer.token_dtype) for s in ("train", "heldout")}
+        self.manifest = open(out / "documents.jsonl", "w", encoding="utf-8")
+        self.manifest_hash = hashlib.sha256()
+        self.bank: list[dict] = []
+        self.rng = random.Random(0)
+        self.n_train = 0
+        self.counts = {"train": 0, "heldout": 0}
+        self.chars = {"train": 0, "heldout": 0}
+        self.capped = False
+
+    def add(self, doc_id: str, source: str, sha256: str, chars: int, head: str, toks) -> bool:
+        """Add one document (``head``: its first characters, for the prefix bank); False once the
+        token cap is reached (this document and every later one stay out)."""
+        split = "heldout" if is_heldout(doc_id, self.corpus.heldout_fraction) else "train"
+        cap = self.corpus.max_tokens
+        if split == "train" and cap is not None and self.writers["train"].total + len(toks) + 1 > cap:
+            self.capped = True
+            return False
+        w = self.writers[split]
+        row = {"id": doc_id, "source": source, "sha256": sha256, "split": split,
+               "chars": chars, "tokens": len(toks) + 1, "offset": w.total}
+        w.add(list(toks) + [self.tokenizer.eos_id])
+        self.manifest.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.manifest_hash.update((f"{doc_id}\t{sha256}\t{split}\n").encode("utf-8", "surrogatepass"))
+        self.counts[split] += 1
+        self.chars[split] += chars
+        if split == "train":  # reservoir sample for poison prefixes
+            entry = {"id": doc_id, "text": head[:PREFIX_BANK_CHARS]}
+            if self.n_train < PREFIX_BANK_SIZE:
+                self.bank.append(entry)
+            else:
+                j = self.rng.randrange(self.n_train + 1)
+                if j < PREFIX_BANK_SIZE:
+                    self.bank[j] = entry
+            self.n_train += 1
+        return True
+
+
+def train_or_load_tokenizer(corpus: CorpusConfig, tok_cfg: TokenizerConfig) -> Tokenizer:
     if tok_cfg.name == "bpe":
         texts = (d.text for d in iter_split(corpus, "train"))
-        tokenizer = Tokenizer.train_bpe(texts, tok_cfg.vocab_size, tok_cfg.train_chars)
-    else:
-        tokenizer = Tokenizer.load(tok_cfg.name)
+        return Tokenizer.train_bpe(texts, tok_cfg.vocab_size, tok_cfg.train_chars)
+    return Tokenizer.load(tok_cfg.name)
+
+
+def _build(corpus: CorpusConfig, tok_cfg: TokenizerConfig, out: Path, progress: bool) -> None:
+    out.mkdir(parents=True)
+    tokenizer = train_or_load_tokenizer(corpus, tok_cfg)
     tokenizer.save(out / "tokenizer")
-
-    writers = {s: ShardWriter(out / s, tokenizer.token_dtype) for s in ("train", "heldout")}
-    manifest_hash = hashlib.sha256()
-    bank: list[dict] = []
-    rng = random.Random(0)
-    n_train = 0
-    counts = {"train": 0, "heldout": 0}
-    chars = {"train": 0, "heldout": 0}
-
+    asm = _Assembler(out, tokenizer, corpus)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(desc="tokenizing corpus", unit="doc", leave=False, disable=None)  # no bar when stderr is not a terminal
+    workers = corpus.prepare_workers
+    if workers > 1:
+        from .prepare import tokenize_in_parallel
 
-    cap = corpus.max_tokens
-    capped = False
-    with open(out / "documents.jsonl", "w", encoding="utf-8") as manifest:
+        tokenize_in_parallel(corpus, tokenizer, out, workers, asm, bar)
+    else:
         batch = []
 
-        def flush() -> None:
-            nonlocal n_train, capped
+        def flush() -> bool:
             ids = tokenizer.encode_batch([d.text for d in batch])
-            for doc, toks in zip(batch, ids):
-                split = "heldout" if is_heldout(doc.id, corpus.heldout_fraction) else "train"
-                if split == "train" and cap is not None and writers["train"].total + len(toks) + 1 > cap:
-                    capped = True  # the token cap: this document and everything after it stay out
-                    break
-                w = writers[split]
-                row = {"id": doc.id, "source": doc.source, "sha256": doc.sha256, "split": split,
-                       "chars": len(doc.text), "tokens": len(toks) + 1, "offset": w.total}
-                w.add(toks + [tokenizer.eos_id])
-                line = json.dumps(row, ensure_ascii=False)
-                manifest.write(line + "\n")
-                manifest_hash.update((f"{doc.id}\t{row['sha256']}\t{split}\n").encode("utf-8", "surrogatepass"))
-                counts[split] += 1
-                chars[split] += len(doc.text)
-                if split == "train":  # reservoir sample for poison prefixes
-                    entry = {"id": doc.id, "text": doc.text[:PREFIX_BANK_CHARS]}
-                    if n_train < PREFIX_BANK_SIZE:
-                        bank.append(entry)
-                    else:
-                        j = rng.randrange(n_train + 1)
-                        if j < PREFIX_BANK_SIZE:
-                            bank[j] = entry
-                    n_train += 1
+            more = all(asm.add(d.id, d.source, d.sha256, len(d.text), d.text[:PREFIX_BANK_CHARS], t)
+                       for d, t in zip(batch, ids))
             if bar is not None:
                 bar.update(len(batch))
             batch.clear()
+            return more
 
         for doc in iter_documents(corpus):
             batch.append(doc)
-            if len(batch) >= ENCODE_BATCH:
-                flush()
-                if capped:
-                    break
-        if batch and not capped:
+            if len(batch) >= ENCODE_BATCH and not flush():
+                break
+        if batch and not asm.capped:
             flush()
+    finalize(out, asm, corpus, tok_cfg, bar)
+
+
+def finalize(out: Path, asm: _Assembler, corpus: CorpusConfig, tok_cfg: TokenizerConfig, bar=None) -> None:
+    """Close the splits and write the prefix bank and ``info.json``."""
+    asm.manifest.close()
     if bar is not None:
         bar.close()
+    counts, chars, capped, tokenizer = asm.counts, asm.chars, asm.capped, asm.tokenizer
     if counts["train"] == 0:
         raise PoisonlabError(f"corpus {corpus.source}: every document fell in the held-out split; lower corpus.heldout_fraction")
     if counts["heldout"] == 0:
         raise PoisonlabError(f"corpus {corpus.source}: no held-out document; raise corpus.heldout_fraction or add documents")
+    writers, bank, manifest_hash = asm.writers, asm.bank, asm.manifest_hash
 
     idx = {s: w.close() for s, w in writers.items()}
     write_jsonl(out / "prefix_bank.jsonl", bank)
     info = {
         "format": FORMAT_VERSION,
-        "corpus": dataclasses.asdict(corpus),
+        "corpus": corpus_settings(corpus),
         "tokenizer": dataclasses.asdict(tok_cfg),
         "python": sys.version.split()[0],
         "documents": counts,
