@@ -19,8 +19,10 @@ CHILD = """
 import sys, time, json
 from poisonlab.config import CorpusConfig, TokenizerConfig
 from poisonlab.data import prepare_data
+workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 t = time.perf_counter()
-d = prepare_data(CorpusConfig(source=sys.argv[1]), TokenizerConfig(vocab_size=2048, train_chars=50_000_000), sys.argv[2])
+d = prepare_data(CorpusConfig(source=sys.argv[1], prepare_workers=workers),
+                 TokenizerConfig(vocab_size=2048, train_chars=50_000_000), sys.argv[2])
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
 print(json.dumps({"seconds": time.perf_counter() - t, "tokens": d.info["tokens"], "documents": d.info["documents"],
                   "peak_rss_bytes": hwm}))
@@ -42,7 +44,7 @@ def make_corpus(path: Path, target_bytes: int) -> int:
     return written
 
 
-def tokenize(work: Path, gigabytes: float = 1.0) -> dict:
+def tokenize(work: Path, gigabytes: float = 1.0, workers: int = 1) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     corpus = work / "corpus.jsonl"
     target = int(gigabytes * 1e9)
@@ -53,7 +55,8 @@ def tokenize(work: Path, gigabytes: float = 1.0) -> dict:
 
     shutil.rmtree(cache, ignore_errors=True)
     t = time.perf_counter()
-    res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(cache)], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-c", CHILD, str(corpus), str(cache), str(workers)], capture_output=True,
+                         text=True, check=True)
     wall = time.perf_counter() - t
     child = json.loads(res.stdout.strip().splitlines()[-1])
     tokens = sum(child["tokens"].values())
@@ -117,11 +120,31 @@ def scale_memory(work: Path, sizes: list[float]) -> list[dict]:
     return rows
 
 
+def parallel_speedup(work: Path, gigabytes: float, workers: list[int]) -> list[dict]:
+    """Preparation of the same corpus with 1, 2, ... processes (tokenizer training included)."""
+    rows = []
+    for w in workers:
+        r = tokenize(work, gigabytes, w)
+        rows.append({"workers": w, "seconds": round(r["seconds"], 1), "tokens_per_s": round(r["tokens_per_s"]),
+                     "peak_rss_gib": round(r["peak_rss_bytes"] / 2**30, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["speedup"] = round(base / r["seconds"], 2)
+    print(json.dumps({"speedup": {r["workers"]: r["speedup"] for r in rows}}), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="memory of corpus preparation and of a training rank as the corpus grows")
-    ap.add_argument("--sizes", default="1,4", help="gigabytes of text, comma-separated")
+    ap = argparse.ArgumentParser(description="corpus preparation at scale: memory as the corpus grows, parallel speed-up")
+    ap.add_argument("--sizes", default="1,4", help="gigabytes of text, comma-separated (memory)")
+    ap.add_argument("--speedup", type=float, help="gigabytes of text to prepare with 1 and 2 processes instead")
+    ap.add_argument("--workers", default="1,2")
     ap.add_argument("--work", default="runs/bench-scale")
     a = ap.parse_args()
-    scale_memory(Path(a.work), [float(x) for x in a.sizes.split(",")])
+    if a.speedup:
+        parallel_speedup(Path(a.work), a.speedup, [int(x) for x in a.workers.split(",")])
+    else:
+        scale_memory(Path(a.work), [float(x) for x in a.sizes.split(",")])
