@@ -45,3 +45,45 @@ def test_parallel_preparation_equals_one_process(layout, tmp_path):
     assert _files(one.directory) == _files(par.directory)
     assert one.info["token_cap_reached"] and one.train.total_tokens <= 40_000
     assert not list((tmp_path / "par").glob(".parts-*"))  # the task outputs are gone
+
+
+def test_preparation_on_slurm_submits_an_array_then_the_assembly_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    import dill
+    import datatrove.executor.slurm as dslurm
+
+    from poisonlab.config import ClusterConfig
+    from poisonlab.prepare import prepare_on_slurm
+
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in filler_docs(700, seed=9)))
+    submitted = []
+
+    def fake_sbatch(script, retriever, *args):
+        submitted.append((script, args))
+        return str(100 + len(submitted))
+
+    monkeypatch.setattr(dslurm, "launch_slurm_job", fake_sbatch)
+    cfg = CorpusConfig(source=str(src), heldout_fraction=0.1, prepare_workers=3)
+    tok = TokenizerConfig(vocab_size=300)
+    job, final = prepare_on_slurm(cfg, tok, tmp_path / "cache", ClusterConfig(partition="cpu", account="lab", time_min=90))
+    ids = {str(101 + i): sub for i, sub in enumerate(submitted)}  # datatrove adds a statistics job after each
+    tokenize = [(i, a) for i, (sc, a) in ids.items() if "job-name=tokenize-" in sc and "launch_pickled_pipeline" in sc]
+    assemble = [(i, sc, a) for i, (sc, a) in ids.items() if "job-name=assemble-" in sc and "launch_pickled_pipeline" in sc]
+    assert len(tokenize) == 1 and len(assemble) == 1 and job == assemble[0][0]
+    array_script = ids[tokenize[0][0]][0]
+    assert "#SBATCH --array=0-2" in array_script and "#SBATCH --partition=cpu" in array_script
+    assert "#SBATCH --time=90" in array_script and "#SBATCH --account=lab" in array_script
+    assert f"--dependency=afterok:{tokenize[0][0]}" in assemble[0][2]  # assembled only once every part is done
+    # what the cluster would run: every array task, then the assembly
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")
+    monkeypatch.setattr(dslurm, "expand_slurm_nodelist", lambda nodes: [nodes])  # scontrol is Slurm's
+    stage = final.parent / f".slurm-{final.name}"
+    for name, ranks in (("tokenize", range(3)), ("assemble", range(1))):
+        with open(stage / "logs" / name / "executor.pik", "rb") as f:
+            executor = dill.load(f)  # written by prepare_on_slurm a moment ago
+        for r in ranks:
+            executor._run_for_rank(r)
+    assert (final / "info.json").is_file() and not list(stage.glob("part-*"))
+    one = prepare_data(CorpusConfig(source=str(src), heldout_fraction=0.1), tok, tmp_path / "one")
+    assert one.directory.name == final.name
+    assert _files(one.directory) == _files(final)

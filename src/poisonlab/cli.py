@@ -79,6 +79,14 @@ def cmd_corpus(args) -> int:
     from .data import prepare_data
 
     cfg = _config(args)
+    if args.executor == "slurm":
+        from .prepare import prepare_on_slurm
+
+        job, final = prepare_on_slurm(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", cfg.cluster)
+        print(f"already prepared: {final}" if job is None else
+              f"submitted: {cfg.corpus.prepare_workers} tokenizing tasks, then job {job} assembles {final}; "
+              "run this command again when it has finished")
+        return 0
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
     print(json.dumps({"prepared": str(data.directory), **{k: data.info[k] for k in (
         "documents", "characters", "tokens", "vocab_size", "corpus_manifest_sha256", "tokenizer_fingerprint")}},
@@ -398,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("corpus", help="prepare a corpus: split, train/load the tokenizer, tokenize into shards")
     _add_config_flags(s)
+    s.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="local: corpus.prepare_workers processes here; slurm: as many datatrove tasks on the cluster "
+                        "(cluster.partition, cluster.time_min, cluster.account)")
     s.set_defaults(fn=cmd_corpus)
 
     s = sub.add_parser("poison", help="sample poison documents of the configured attack")

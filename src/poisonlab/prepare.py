@@ -151,3 +151,68 @@ def _merge(corpus: CorpusConfig, stage: Path, n_parts: int, asm, bar) -> None:
         del tokens
     if n == 0:
         raise PoisonlabError(f"corpus {corpus.source} is empty: no document with at least {corpus.min_chars} characters")
+
+
+class AssembleParts(PipelineStep):
+    """The cluster path's last step (one task, after every :class:`TokenizePart`): lay the parts
+    out into the prepared folder and move it into the cache."""
+
+    name = "poisonlab assemble"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, corpus: dict, tok_cfg: dict, stage: str, final: str, n_parts: int):
+        super().__init__()
+        self.corpus, self.tok_cfg, self.stage, self.final, self.n_parts = corpus, tok_cfg, stage, final, n_parts
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        from .config import TokenizerConfig
+        from .data import _Assembler, finalize
+
+        corpus, tok_cfg = CorpusConfig(**self.corpus), TokenizerConfig(**self.tok_cfg)
+        stage, out = Path(self.stage), Path(self.stage) / "out"
+        asm = _Assembler(out, Tokenizer.load(out / "tokenizer"), corpus)
+        _merge(corpus, stage, self.n_parts, asm, None)
+        finalize(out, asm, corpus, tok_cfg)
+        out.rename(self.final)
+        for part in stage.glob("part-*"):  # the tasks' outputs; datatrove's logs stay beside them
+            part.unlink()
+        yield from ()
+
+
+def prepare_on_slurm(corpus: CorpusConfig, tok_cfg, cache_root: Path, cluster) -> tuple[str | None, Path]:
+    """Submit the preparation of ``corpus`` as Slurm jobs through datatrove: an array of
+    ``corpus.prepare_workers`` tokenizing tasks, then one assembling task that depends on them.
+    The tokenizer is trained here first. Returns the last job's id and the folder the prepared
+    data will be in (None when it is there already)."""
+    import dataclasses
+    import sys
+
+    try:
+        from datatrove.executor.slurm import SlurmPipelineExecutor
+    except ImportError:
+        raise PoisonlabError("preparing on Slurm needs datatrove: pip install 'poisonlab[defenses]'") from None
+    from .data import cache_key, train_or_load_tokenizer
+
+    final = Path(cache_root).resolve() / f"data-{cache_key(corpus, tok_cfg)}"
+    if (final / "info.json").is_file():
+        return None, final
+    if not cluster.partition:
+        raise PoisonlabError("preparing on Slurm needs a partition: set cluster.partition")
+    stage = final.parent / f".slurm-{final.name}"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "out").mkdir(parents=True)
+    train_or_load_tokenizer(corpus, tok_cfg).save(stage / "out" / "tokenizer")
+    parts = partitions(corpus, corpus.prepare_workers)
+    settings = corpus_settings(corpus) | {"prepare_workers": 1}
+    common = dict(time=str(cluster.time_min), partition=cluster.partition, cpus_per_task=2, mem_per_cpu_gb=4,
+                  qos=cluster.qos or "normal", venv_path=sys.prefix if sys.prefix != sys.base_prefix else None,
+                  sbatch_args={k: v for k, v in (("account", cluster.account), ("constraint", cluster.constraint)) if v})
+    tokenize = SlurmPipelineExecutor(pipeline=[TokenizePart(settings, parts, str(stage / "out" / "tokenizer"), str(stage))],
+                                     tasks=len(parts), job_name=f"tokenize-{final.name}",
+                                     logging_dir=str(stage / "logs" / "tokenize"), **common)
+    assemble = SlurmPipelineExecutor(pipeline=[AssembleParts(settings, dataclasses.asdict(tok_cfg), str(stage), str(final),
+                                                             len(parts))],
+                                     tasks=1, depends=tokenize, job_name=f"assemble-{final.name}",
+                                     logging_dir=str(stage / "logs" / "assemble"), **common)
+    assemble.run()
+    return assemble.job_id, final
