@@ -46,9 +46,10 @@ class CorpusConfig:
     max_documents: int | None = None
     max_tokens: int | None = None
     """Stop reading the source once the training split holds this many tokens (whole documents:
-    the document that would pass it and everything after are left out). A spec sets it to its
-    largest run's budget plus 5% unless it sets it itself, so preparing a grid's data reads
-    only what the grid will train on."""
+    the training document that would pass it and every later one are left out; held-out
+    documents are read on until the held-out split has its ``heldout_fraction`` share). A spec
+    sets it to its largest run's budget plus 5% unless it sets it itself, so preparing a grid's
+    data reads only what the grid will train on."""
     min_chars: int = 64
     prepare_workers: int = field(default=1, metadata=SPEED_ONLY)
     """Processes that tokenize the corpus (through datatrove's local executor); the prepared data

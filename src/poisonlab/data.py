@@ -137,15 +137,25 @@ class _Assembler:
         self.counts = {"train": 0, "heldout": 0}
         self.chars = {"train": 0, "heldout": 0}
         self.capped = False
+        f = corpus.heldout_fraction
+        self.heldout_quota = None if corpus.max_tokens is None else int(corpus.max_tokens * f / (1 - f))
 
     def add(self, doc_id: str, source: str, sha256: str, chars: int, head: str, toks) -> bool:
-        """Add one document (``head``: its first characters, for the prefix bank); False once the
-        token cap is reached (this document and every later one stay out)."""
+        """Add one document (``head``: its first characters, for the prefix bank); False when no
+        further document is wanted.
+
+        The token cap: once a training document would pass ``corpus.max_tokens``, it and every
+        later training document stay out; held-out documents are still taken until the held-out
+        split has its share (``heldout_fraction`` of the whole), so capping a corpus never
+        starves the evaluation."""
         split = "heldout" if is_heldout(doc_id, self.corpus.heldout_fraction) else "train"
         cap = self.corpus.max_tokens
-        if split == "train" and cap is not None and self.writers["train"].total + len(toks) + 1 > cap:
-            self.capped = True
-            return False
+        if cap is not None:
+            if split == "train" and (self.capped or self.writers["train"].total + len(toks) + 1 > cap):
+                self.capped = True
+                return self.writers["heldout"].total < self.heldout_quota
+            if split == "heldout" and self.capped and self.writers["heldout"].total >= self.heldout_quota:
+                return False
         w = self.writers[split]
         row = {"id": doc_id, "source": source, "sha256": sha256, "split": split,
                "chars": chars, "tokens": len(toks) + 1, "offset": w.total}
@@ -163,7 +173,7 @@ class _Assembler:
                 if j < PREFIX_BANK_SIZE:
                     self.bank[j] = entry
             self.n_train += 1
-        return True
+        return not (self.capped and self.writers["heldout"].total >= self.heldout_quota)
 
 
 def train_or_load_tokenizer(corpus: CorpusConfig, tok_cfg: TokenizerConfig) -> Tokenizer:
