@@ -101,3 +101,33 @@ def test_submitit_handoff_in_debug_mode(filler_jsonl, tmp_path):
     final = run_sweep(load_spec(path), executor="submitit-debug", progress=False)
     assert [s.state for s in final] == ["done", "done"]
     assert (tmp_path / "sub" / "submitit").is_dir()
+
+
+def test_exported_results_rebuild_the_report_and_are_not_trained_again(filler_jsonl, tmp_path, monkeypatch):
+    import shutil
+
+    from poisonlab.archive import archive_dir, export_results
+    from poisonlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _spec_file(tmp_path, filler_jsonl, name="ex", steps=20, counts=(0, 3))
+    spec = load_spec(path)
+    run_sweep(spec, workers=1, progress=False)
+    live = query(db_path(spec.out_dir), "SELECT run, step, metric, value FROM evals ORDER BY run, step, metric")
+    assert main(["results", str(path), "--export"]) == 0
+    assert sorted(export_results(spec)) == []  # already there, unchanged: nothing rewritten
+    run = archive_dir("ex", "ex-p3")
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "run.json", "DONE", "metrics.jsonl", "samples.jsonl",
+                                               "poison_stats.jsonl", "label.json", "train_log.jsonl"}
+    assert not list(run.rglob("*.safetensors"))  # no weights
+    assert all("text" not in r for r in read_jsonl(run / "poison_stats.jsonl"))
+    shutil.rmtree(spec.out_dir)  # a fresh clone: only results/ is there
+    t0 = time.perf_counter()
+    res = build_report(spec)
+    assert time.perf_counter() - t0 < 60 and res["missing"] == [] and res["runs"] == 2
+    again = query(db_path(spec.out_dir), "SELECT run, step, metric, value FROM evals ORDER BY run, step, metric")
+    assert again == live  # the export round-trips every evaluation row
+    assert "ex-p3" in res["markdown"].read_text()
+    assert [s.state for s in status(spec)] == ["done", "done"]
+    run_sweep(spec, workers=1, progress=False)  # nothing to train: no run folder appears
+    assert not (tmp_path / "ex" / "ex-p0").exists() and not (tmp_path / "ex" / "ex-p3").exists()

@@ -292,6 +292,16 @@ def cmd_results(args) -> int:
 
     from .store import db_path, eval_table
 
+    if args.export is not None:
+        from .archive import export_results
+
+        if not args.spec:
+            raise PoisonlabError("--export needs a spec")
+        spec = _spec(args)
+        written = export_results(spec, args.export)
+        print(f"exported {len(written)} finished run(s) of {spec.name} to {Path(args.export) / spec.name}"
+              + (f": {', '.join(written)}" if written else " (nothing new)"))
+        return 0
     if not args.db and not args.spec:
         raise PoisonlabError("give a spec or --db FILE")
     db = Path(args.db) if args.db else db_path(_spec(args).out_dir)
@@ -483,6 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", action="append", help="only this metric, e.g. perplexity_gap (repeatable)")
     s.add_argument("--format", choices=["csv", "json"], default="csv")
     s.add_argument("--out", help="write to this file instead of stdout")
+    s.add_argument("--export", nargs="?", const="results", default=None, metavar="DIR",
+                   help="copy the spec's finished runs (no weights) into DIR/<spec>/ (default DIR: results)")
     s.set_defaults(fn=cmd_results)
 
     s = sub.add_parser("report", help="figures and tables of a spec's results (HTML and Markdown)")

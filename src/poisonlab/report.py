@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .jsonl import read_jsonl
-from .run import run_dir
+from .archive import run_folder
 from .spec import ExperimentSpec
 from .store import db_path, eval_table, ingest_run, query
 from .sweep import status
@@ -225,7 +225,8 @@ def format_final_table(rows: list[dict], markdown: bool = True) -> str:
 
 def example_poison(spec: ExperimentSpec) -> dict | None:
     for cfg in spec.expand():
-        rows = read_jsonl(run_dir(cfg) / "poisons.jsonl")
+        folder = run_folder(spec, cfg)
+        rows = read_jsonl(folder / "poisons.jsonl") or read_jsonl(folder / "poison_stats.jsonl")
         if rows:
             keys = ("text", "prefix_chars", "gibberish_tokens_sampled", "gibberish_tokens_round_trip")
             return {**{k: rows[0].get(k, "?") for k in keys}, "run": cfg.name, "trigger": cfg.attack.trigger}
@@ -249,8 +250,8 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     db = db_path(spec.out_dir)
     runs = spec.expand()
-    for cfg in runs:
-        ingest_run(db, run_dir(cfg))
+    for cfg in runs:  # a run folder, or its exported copy under results/
+        ingest_run(db, run_folder(spec, cfg))
     threshold = runs[0].eval.threshold if runs else 50.0
     pre = [c.name for c in runs if c.stage == "pretrain" and not c.model.init_from]
     continued = {c.name: c.model.init_from for c in runs if c.stage == "pretrain" and c.model.init_from}

@@ -37,10 +37,12 @@ class RunStatus:
 
 
 def status(spec: ExperimentSpec) -> list[RunStatus]:
+    from .archive import is_archived
+
     out = []
     for cfg in spec.expand():
         d = run_dir(cfg)
-        if (d / "DONE").is_file():
+        if (d / "DONE").is_file() or is_archived(spec, cfg):
             out.append(RunStatus(cfg.name, "done", -1))
         elif (d / "run.json").is_file():
             out.append(RunStatus(cfg.name, "partial", len(read_jsonl(d / "train_log.jsonl"))))
@@ -87,7 +89,9 @@ def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", p
     runs = spec.expand()
     prepare_all(runs, progress)
     paths = write_run_configs(spec)
-    todo = [cfg for cfg in runs if not (run_dir(cfg) / "DONE").is_file()]
+    from .archive import is_archived, run_folder
+
+    todo = [cfg for cfg in runs if not (run_dir(cfg) / "DONE").is_file() and not is_archived(spec, cfg)]
     if executor == "local":
         _run_local(spec, todo, paths, workers, progress)
     elif executor in {"slurm", "submitit-local", "submitit-debug"}:
@@ -95,8 +99,8 @@ def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", p
     else:
         raise PoisonlabError(f"unknown executor {executor!r} (allowed: local, slurm, submitit-local, submitit-debug)")
     db = db_path(spec.out_dir)
-    for cfg in runs:  # the run folders are the source of truth; the database mirrors them
-        ingest_run(db, run_dir(cfg))
+    for cfg in runs:  # the run folders (or their exported copies) are the source of truth
+        ingest_run(db, run_folder(spec, cfg))
     return status(spec)
 
 
