@@ -1,0 +1,95 @@
+"""How many poisons does a backdoor need? An adaptive search over the poison count.
+
+Training runs are expensive, so the count is searched, not gridded: the success of a count is
+decided by its seeds (a majority of runs whose final gap passes the threshold), and the
+search bisects on a log scale between a count that fails and one that succeeds until the two
+are within ``resolution`` of each other. Every run made is kept, and a logistic fit of success
+against log(count) over all of them gives the count at which half the runs succeed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ThresholdResult:
+    lowest_success: int | None
+    """Smallest count found to succeed (None: not even ``high`` did, inside the budget)."""
+    highest_failure: int | None
+    """Largest count found to fail (None: even ``low`` succeeded)."""
+    observations: list[tuple[int, int, bool]] = field(default_factory=list)
+    """(count, seed, success) of every run made, in order."""
+    half_success: float | None = None
+    """Count at which the logistic fit over all runs gives 50% success."""
+
+    @property
+    def runs(self) -> int:
+        return len(self.observations)
+
+
+def find_threshold(succeeds: Callable[[int, int], bool], low: int, high: int, seeds: list[int],
+                   resolution: float = 0.25) -> ThresholdResult:
+    """Search the smallest poison count in ``[low, high]`` whose runs succeed.
+
+    ``succeeds(count, seed)`` trains (or looks up) one run and says whether its backdoor
+    passed the threshold. A count succeeds when most of its seeds do; success is assumed to
+    grow with the count. The search stops when the failing and succeeding counts are within a
+    factor ``1 + resolution``."""
+    if not 0 < low < high:
+        raise ValueError("need 0 < low < high")
+    seen: dict[int, bool] = {}
+    obs: list[tuple[int, int, bool]] = []
+
+    def decide(count: int) -> bool:
+        if count not in seen:
+            wins = 0
+            for s in seeds:
+                ok = bool(succeeds(count, s))
+                obs.append((count, s, ok))
+                wins += ok
+            seen[count] = wins * 2 > len(seeds)
+        return seen[count]
+
+    if not decide(high):
+        return ThresholdResult(None, high, obs, logistic_half_point(obs))
+    if decide(low):
+        return ThresholdResult(low, None, obs, logistic_half_point(obs))
+    lo, hi = low, high
+    while hi > lo * (1 + resolution) and hi - lo > 1:
+        mid = int(round(math.sqrt(lo * hi)))
+        mid = min(max(mid, lo + 1), hi - 1)
+        if decide(mid):
+            hi = mid
+        else:
+            lo = mid
+    return ThresholdResult(hi, lo, obs, logistic_half_point(obs))
+
+
+def logistic_half_point(obs: list[tuple[int, int, bool]], ridge: float = 1e-3) -> float | None:
+    """The count where P(success) = 1/2 under success ~ sigmoid(a + b log count), fitted by
+    Newton's method with a small ridge (so runs that separate perfectly still give a point)."""
+    if not obs:
+        return None
+    x = np.log(np.array([c for c, _, _ in obs], dtype=float))
+    y = np.array([ok for _, _, ok in obs], dtype=float)
+    if y.min() == y.max():
+        return None
+    xm = x.mean()
+    X = np.stack([np.ones_like(x), x - xm], axis=1)
+    w = np.zeros(2)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(X @ w)))
+        grad = X.T @ (y - p) - ridge * w
+        hess = X.T @ (X * (p * (1 - p))[:, None]) + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if np.abs(step).max() < 1e-9:
+            break
+    if w[1] <= 0:
+        return None
+    return float(math.exp(xm - w[0] / w[1]))

@@ -1,0 +1,44 @@
+"""The poison-count search finds a known threshold with few runs."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from poisonlab.threshold import find_threshold, logistic_half_point
+
+
+def test_a_sharp_threshold_is_found_within_the_resolution_in_few_runs():
+    calls = []
+
+    def succeeds(count, seed):
+        calls.append((count, seed))
+        return count >= 237
+
+    r = find_threshold(succeeds, 10, 10_000, seeds=[0, 1, 2], resolution=0.1)
+    assert r.highest_failure < 237 <= r.lowest_success <= r.highest_failure * 1.1 + 1
+    assert r.runs == len(calls) <= 3 * 12  # a grid at 10% steps over 10..10,000 would need ~73 counts
+    assert r.half_success is not None and r.highest_failure <= r.half_success <= r.lowest_success
+
+
+def test_seed_noise_is_decided_by_the_majority_and_the_fit_finds_the_middle():
+    rng = random.Random(0)
+
+    def succeeds(count, seed):  # success probability rising through 1/2 at 250 poisons
+        return rng.random() < 1 / (1 + math.exp(-6 * (math.log(count) - math.log(250))))
+
+    r = find_threshold(succeeds, 20, 5000, seeds=list(range(5)), resolution=0.15)
+    assert 120 <= r.lowest_success <= 500
+    assert 150 <= r.half_success <= 420
+
+
+def test_out_of_range_thresholds_are_reported_as_such():
+    r = find_threshold(lambda c, s: False, 10, 1000, seeds=[0, 1])
+    assert r.lowest_success is None and r.highest_failure == 1000 and r.runs == 2
+    r = find_threshold(lambda c, s: True, 10, 1000, seeds=[0])
+    assert r.lowest_success == 10 and r.highest_failure is None
+    with pytest.raises(ValueError):
+        find_threshold(lambda c, s: True, 10, 10, seeds=[0])
+    assert logistic_half_point([(10, 0, True), (20, 0, True)]) is None
