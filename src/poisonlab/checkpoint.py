@@ -11,7 +11,6 @@ intact, so a file damaged on disk is never trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from .artifacts import safetensors_metadata, write_labels
 from .errors import PoisonlabError
 from .parallel import full_value, is_sharded
 from .paths import atomic_write_text
+from .provenance import file_sha256
 from .sharded import ShardedReader, as_like, local
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -77,15 +77,20 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, lab
     tensors, groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_text(tmp / "trainer_state.json", json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
-    sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    sums = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     atomic_write_text(tmp / CHECKSUMS, json.dumps(sums, indent=1))
+    _publish(run_dir, tmp, final, keep)
+    return final
+
+
+def _publish(run_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Move a complete checkpoint folder into place, point ``latest`` at it, drop the oldest."""
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    atomic_write_text(ckpt_root / "latest", final.name + "\n")
+    atomic_write_text(run_dir / "checkpoints" / "latest", final.name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -106,14 +111,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_checkpoint(path: Path) -> None:
     """Raise :class:`PoisonlabError` unless every file listed in ``checksums.json`` is intact.
 
@@ -128,7 +125,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise PoisonlabError(f"{path}: {name} missing")
-        if _sha256(f) != want:
+        if file_sha256(f) != want:
             raise PoisonlabError(f"{path}: {name} does not match its checksum")
 
 
@@ -191,25 +188,19 @@ def _save_sharded(run_dir: Path, step: int, m, optimizer, state: dict, label: di
     mine = [tmp / f"model-rank{rank:05d}.safetensors", tmp / f"optimizer-rank{rank:05d}.safetensors"]
     save_file({k: local(v) for k, v in m.state_dict().items() if k not in skip}, str(mine[0]),
               metadata=safetensors_metadata(label))
-    sd = optimizer.state_dict()
-    save_file({f"{idx}.{k}": local(v if torch.is_tensor(v) else torch.tensor(v))
-               for idx, st in sd["state"].items() for k, v in st.items()}, str(mine[1]))
+    opt_tensors, groups = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, str(mine[1]))
     if rank == 0:
         m.config.save_pretrained(str(tmp))
         write_labels(tmp, label)
         atomic_write_text(tmp / "trainer_state.json", json.dumps(
-            {**state, "step": step, "param_groups": sd["param_groups"],
+            {**state, "step": step, "param_groups": groups,
              "sharded": {"world": dist.get_world_size(), "rows": "ceil(rows / world) per rank"}}, indent=1))
         mine += [tmp / "config.json", tmp / "poisonlab.json", tmp / "README.md", tmp / "trainer_state.json"]
-    atomic_write_text(tmp / f"checksums-rank{rank:05d}.json", json.dumps({p.name: _sha256(p) for p in mine}, indent=1))
+    atomic_write_text(tmp / f"checksums-rank{rank:05d}.json", json.dumps({p.name: file_sha256(p) for p in mine}, indent=1))
     dist.barrier()
     if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        atomic_write_text(ckpt_root / "latest", final.name + "\n")
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(run_dir, tmp, final, keep)
     dist.barrier()
     return final
 
@@ -241,10 +232,9 @@ def remove_partial_checkpoints(run_dir: Path) -> int:
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The optimizer's state as flat ``<param index>.<name>`` tensors (this rank's shard of a
+    sharded model's), and its parameter groups."""
     sd = optimizer.state_dict()
-    tensors = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            t = v if torch.is_tensor(v) else torch.tensor(v)
-            tensors[f"{idx}.{k}"] = t.detach().cpu().contiguous()
+    tensors = {f"{idx}.{k}": local(v if torch.is_tensor(v) else torch.tensor(v))
+               for idx, st in sd["state"].items() for k, v in st.items()}
     return tensors, sd["param_groups"]

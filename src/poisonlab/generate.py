@@ -163,8 +163,10 @@ class StaticKVDecoder:
     def supports(model) -> bool:
         body = getattr(model, "model", None)
         layers = getattr(body, "layers", None)
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # FSDP shards: only the model's own
-            return False                                                     # forward gathers them
+        from .parallel import is_sharded
+
+        if is_sharded(model):  # FSDP shards: only the model's own forward gathers them
+            return False
         return (getattr(model.config, "model_type", "") in {"llama", "mistral", "qwen2"}
                 and layers is not None and hasattr(body, "rotary_emb") and hasattr(model, "lm_head")
                 and getattr(model.config, "sliding_window", None) is None)

@@ -235,6 +235,7 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
     maybe_eval(start)
     t_start = time.perf_counter()
     tokens_since, step_seconds = 0, 0.0  # training steps only, evaluations and checkpoints excluded
+    tokens_before = stage.position(start)["tokens_seen"]
     for step in range(start, stage.steps):
         t_step = time.perf_counter()
         if step in fresh_at:
@@ -250,7 +251,8 @@ def run_stage(stage: Stage, model, d: Dist, device: torch.device, dtype: torch.d
         grad_norm = full_value(grad_norm)
         steps_done = step + 1
         pos = stage.position(steps_done)
-        tokens_since += pos["tokens_seen"] - stage.position(step)["tokens_seen"]
+        tokens_since += pos["tokens_seen"] - tokens_before
+        tokens_before = pos["tokens_seen"]
         if d.main:
             pending.append((pos, lr, loss.detach(), grad_norm.detach()))
             if len(pending) >= flush_every or steps_done in eval_at or steps_done in ckpt_at or steps_done == stage.steps:
