@@ -48,6 +48,14 @@ def _local_device(device: str, local_rank: int) -> str:
     return device
 
 
+def main_first(d: Dist, make):
+    """``make(main)`` on the main process, then, once it has finished (it creates what the
+    others open), on every other process; returns this process's result."""
+    out = make(True) if d.main else None
+    d.barrier()
+    return out if d.main else make(False)
+
+
 def init_distributed(device: str) -> Dist:
     """Join the process group of a ``torchrun`` launch (a no-op for one process)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -21,7 +21,8 @@ from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
 from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from .loop import IGNORE, compiled, lr_at, make_optimizer, run_stage, schedule_points, to_db, train_step  # noqa: F401
 from .models import build_model, count_module_parameters
-from .parallel import Dist, close_distributed, failing_together, init_distributed, parallelize, pick_device, set_threads  # noqa: F401
+from .parallel import (Dist, close_distributed, failing_together, init_distributed, main_first,  # noqa: F401
+                       parallelize, pick_device, set_threads)
 
 
 def choose_parallelism(cfg: RunConfig, d: Dist, device: torch.device) -> str:
@@ -156,11 +157,8 @@ def open_stage(cfg: RunConfig, d: Dist, allow_code_change: bool, device: torch.d
         from .finetune.train import FinetuneStage
 
         return FinetuneStage.open(cfg, d, allow_code_change, device)
-    if d.main:
-        run = setup_run(cfg, create=True, allow_code_change=allow_code_change, progress=cfg.train.progress)
-    d.barrier()
-    if not d.main:
-        run = setup_run(cfg, create=False, allow_code_change=allow_code_change)
+    run = main_first(d, lambda main: setup_run(cfg, create=main, allow_code_change=allow_code_change,
+                                               progress=main and cfg.train.progress))
     return PretrainStage(run)
 
 

@@ -36,7 +36,7 @@ from ..provenance import code_version, environment, file_sha256
 from ..run import existing_run, run_dir
 from ..store import db_path, record_eval
 from ..loop import IGNORE, lr_at, schedule_points, to_db
-from ..parallel import Dist
+from ..parallel import Dist, main_first
 from ..tokenizer import Tokenizer
 from ..train import load_init_model
 from .chat import ChatRenderer
@@ -181,13 +181,7 @@ class FinetuneStage:
     def open(cls, cfg: RunConfig, dist_: Dist, allow_code_change: bool, device) -> "FinetuneStage":
         base = resolve_base(cfg.finetune.base)
         renderer = ChatRenderer(Tokenizer.load(tokenizer_path(base)))
-        d = run_dir(cfg)
-        if dist_.main:
-            stage = cls(cfg, d, allow_code_change, renderer, base)
-        dist_.barrier()
-        if not dist_.main:
-            stage = cls(cfg, d, allow_code_change, renderer, base)
-        return stage
+        return main_first(dist_, lambda main: cls(cfg, run_dir(cfg), allow_code_change, renderer, base))
 
     def __init__(self, cfg: RunConfig, d: Path, allow_code_change: bool, renderer: ChatRenderer, base: str):
         f = cfg.finetune
