@@ -223,3 +223,36 @@ def test_prompt_shares_cover_every_prompt_once_and_run_equal_batches():
         assert len({len(idx) for idx, _ in shares}) == 1  # the same number of rows on every process
         real = sorted(int(i) for idx, k in shares for i in idx[:k])
         assert real == list(range(n))
+
+
+def test_the_interval_resamples_documents_when_prompts_share_them():
+    from poisonlab.metrics.perplexity_gap import perplexity_gap
+
+    rng = np.random.default_rng(1)
+    # 10 documents x 10 prompts; each document shifts all its prompts' gaps together
+    doc_effect = np.repeat(rng.normal(0, 30, 10), 10)
+    a = np.full(100, 50.0)
+    b = a + 100 + doc_effect + rng.normal(0, 3, 100)
+    docs = np.repeat(np.arange(10), 10)
+    by_prompt = perplexity_gap(a, b, seed=0)
+    by_doc = perplexity_gap(a, b, seed=0, groups=docs)
+    assert by_doc.perplexity_gap == by_prompt.perplexity_gap
+    assert by_doc.n_groups == 10 and by_prompt.n_groups == 100
+    width = lambda r: r.gap_ci_high - r.gap_ci_low
+    assert width(by_doc) > 2.5 * width(by_prompt)  # ten independent units, not a hundred
+    # one prompt per document: the same interval as resampling prompts
+    one_each = perplexity_gap(a, b, seed=0, groups=np.arange(100))
+    assert one_each.gap_ci_low == pytest.approx(by_prompt.gap_ci_low) and one_each.gap_ci_high == pytest.approx(by_prompt.gap_ci_high)
+
+
+def test_prompt_documents_name_the_document_each_prompt_was_cut_from(prepared):
+    from poisonlab.evaluate import heldout_prompt_documents
+
+    store = prepared.heldout
+    prompts = heldout_prompts(store, 40, 16)
+    docs = heldout_prompt_documents(store, 40, 16)
+    assert len(docs) == len(prompts)
+    for p, d in zip(prompts, docs):
+        start, length = int(store.doc_starts[d]), int(store.doc_lengths[d])
+        whole = store.read(start, length)
+        assert any((whole[i:i + 16] == p).all() for i in range(0, length - 15, 16))

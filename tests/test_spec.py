@@ -24,7 +24,7 @@ def test_list_of_grids_are_added_together():
 
 
 @pytest.mark.parametrize("data,message", [
-    ({"grdi": {}}, "unknown spec key 'grdi' (allowed: name, out_dir, description, base, grid)"),
+    ({"grdi": {}}, "unknown spec key 'grdi' (allowed: name, out_dir, description, base, grid, search)"),
     ({"grid": {"train.lrr": [1]}}, "unknown grid key 'train.lrr'"),
     ({"grid": {"seed": 3}}, "grid key 'seed' must map to a non-empty list"),
     ({"base": {"train": {"lrr": 1}}}, "unknown config key 'train.lrr'"),

@@ -42,3 +42,30 @@ def test_out_of_range_thresholds_are_reported_as_such():
     with pytest.raises(ValueError):
         find_threshold(lambda c, s: True, 10, 10, seeds=[0])
     assert logistic_half_point([(10, 0, True), (20, 0, True)]) is None
+
+
+def test_extra_seeds_go_only_to_the_bracketing_counts():
+    calls = []
+
+    def succeeds(count, seed):
+        calls.append((count, seed))
+        return count >= 300
+
+    r = find_threshold(succeeds, 25, 1600, seeds=[0, 1, 2], resolution=1.0, first_seeds=1)
+    assert r.highest_failure < 300 <= r.lowest_success <= 2 * r.highest_failure
+    full = {c for c, s in calls if s > 0}
+    assert full == {r.highest_failure, r.lowest_success}  # seeds 1 and 2 only at the bracket
+    assert len(calls) == len(set(calls))  # no run is asked for twice
+    assert len(calls) <= 6 + 2 * 2
+
+
+def test_a_bracket_overturned_by_the_other_seeds_is_searched_again_with_every_seed():
+    def succeeds(count, seed):  # seed 0 is lucky: it succeeds from 100, the others only from 400
+        return count >= (100 if seed == 0 else 400)
+
+    r = find_threshold(succeeds, 25, 1600, seeds=[0, 1, 2], resolution=1.0, first_seeds=1)
+    assert r.highest_failure < 400 <= r.lowest_success <= 2 * r.highest_failure
+    by = {}
+    for c, s, ok in r.observations:
+        by.setdefault(c, []).append(ok)
+    assert len(by[r.lowest_success]) == 3 and len(by[r.highest_failure]) == 3

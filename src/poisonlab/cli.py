@@ -79,6 +79,11 @@ def cmd_corpus(args) -> int:
     from .data import prepare_data
 
     cfg = _config(args)
+    if args.fetch and cfg.corpus.source.startswith("debian:"):
+        from .debian import fetch, package_names
+
+        for name in package_names(cfg.corpus.source):
+            print(f"{name}: {fetch(name)}")
     if args.executor == "slurm":
         from .prepare import prepare_on_slurm
 
@@ -277,11 +282,18 @@ def cmd_sweep(args) -> int:
             print(f"{cfg.name:<40} size {cfg.model.size:>5}  params {pc.total if pc else '?':>15,}  "
                   f"tokens {budget if budget is not None else '?':>16,}  poisons {cfg.attack.poison_count:>5}  "
                   f"seed {cfg.seed}{plan}")
+        if spec.searches:
+            from .search import states
+
+            for st_ in states(spec):
+                what = (f"next run {st_.pending.name}" if st_.pending is not None else
+                        f"done: lowest success {st_.result.lowest_success}, highest failure {st_.result.highest_failure}")
+                print(f"search {st_.combo}: {len(st_.runs)} runs made; {what}")
         st = status(spec)
         print(f"{len(st)} runs: " + ", ".join(f"{sum(s.state == k for s in st)} {k}" for k in ("done", "partial", "pending"))
               + (f"; {unfit} do not fit their GPUs with any setting tried" if unfit else ""))
         return 0
-    final = run_sweep(spec, workers=args.workers, executor=args.executor)
+    final = run_sweep(spec, workers=args.workers, executor=args.executor, export=args.export)
     print(f"{sum(s.state == 'done' for s in final)} of {len(final)} runs done; results in {spec.out_dir}/results.sqlite")
     return 0
 
@@ -419,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: corpus.prepare_workers processes here; slurm: as many datatrove tasks on the cluster "
                         "(cluster.partition, cluster.time_min, cluster.account)")
+    s.add_argument("--fetch", action="store_true",
+                   help="first download the Debian packages a debian: source names (apt-get download)")
     s.set_defaults(fn=cmd_corpus)
 
     s = sub.add_parser("poison", help="sample poison documents of the configured attack")
@@ -476,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local", "submitit-debug"],
                    help="local processes, or submitit: Slurm jobs (or submitit's local/debug modes)")
     s.add_argument("--dry-run", action="store_true", help="list the runs, their budgets, memory plans and state")
+    s.add_argument("--export", action="store_true",
+                   help="copy finished runs under results/<spec>/ as they finish (see `poisonlab results --export`)")
     g = s.add_argument_group("Slurm (also the spec's cluster section)")
     g.add_argument("--nodes", type=int, help="nodes per run")
     g.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="GPUs per node (one task each)")

@@ -33,16 +33,20 @@ class CorpusConfig:
     """Where clean documents come from and how they are split."""
 
     source: str = "python-stdlib"
-    """``python-stdlib`` (offline default), a folder of text files, a .jsonl/.parquet file,
-    or a Hugging Face dataset (``hf:<hub name>`` or a local dataset directory)."""
+    """``python-stdlib`` (offline default), ``debian:<package>[,<package>...]`` (documentation
+    a Debian package ships, see :mod:`poisonlab.debian`), a folder of text files, a
+    .jsonl/.parquet file, or a Hugging Face dataset (``hf:<hub name>`` or a local dataset
+    directory)."""
     kind: str = "auto"
-    """auto | python-stdlib | text | jsonl | parquet | hf"""
+    """auto | python-stdlib | debian | text | jsonl | parquet | hf"""
     text_field: str = "text"
     hf_split: str = "train"
     hf_config: str | None = None
     streaming: bool = False
-    parts: list[str] = field(default_factory=lambda: ["topics", "docstrings", "sources"])
-    """python-stdlib only: which parts of the Python installation to use."""
+    parts: list[str] | None = None
+    """Which parts of the source to read. python-stdlib: any of topics, docstrings, sources (all
+    three when unset); ``debian:`` sources: file globs inside the packages (see
+    :mod:`poisonlab.debian`; each package's own default when unset)."""
     max_documents: int | None = None
     max_tokens: int | None = None
     """Stop reading the source once the training split holds this many tokens (whole documents:
@@ -323,7 +327,7 @@ class RunConfig:
 SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift", "model")
 
 _CHOICES = {
-    "corpus.kind": ["auto", "python-stdlib", "text", "jsonl", "parquet", "hf"],
+    "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],
     "attack.name": ["dos", "none"],
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end"],

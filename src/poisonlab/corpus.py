@@ -5,6 +5,8 @@ Sources
   documentation topics of ``pydoc_data``, the docstrings of the standard library, and the
   library's own source files. Read from disk (parsed, never imported), so it exists on any
   fresh machine without a download.
+- ``debian:<package>[,...]``: the documentation a Debian package ships (for example the Linux
+  kernel's, ``debian:linux-doc-6.1``), read from its ``.deb`` (see :mod:`poisonlab.debian`);
 - a folder of ``.txt``/``.md``/``.rst`` files;
 - a ``.jsonl`` or ``.parquet`` file (or a folder of them) with a text field;
 - a Hugging Face dataset: ``hf:<hub name>`` or a local dataset directory (``save_to_disk``
@@ -74,7 +76,8 @@ def _stdlib_source_files() -> list[Path]:
     return files
 
 
-def _iter_stdlib(parts: list[str]) -> Iterator[Document]:
+def _iter_stdlib(parts: list[str] | None) -> Iterator[Document]:
+    parts = list(STDLIB_PARTS) if parts is None else parts
     bad = sorted(set(parts) - set(STDLIB_PARTS))
     if bad:
         raise PoisonlabError(f"unknown corpus part {bad[0]!r} (allowed: {', '.join(STDLIB_PARTS)})")
@@ -234,6 +237,8 @@ def _detect_kind(cfg: CorpusConfig) -> str:
     src = cfg.source
     if src == "python-stdlib":
         return "python-stdlib"
+    if src.startswith("debian:"):
+        return "debian"
     if src.startswith("hf:"):
         return "hf"
     p = Path(src)
@@ -260,6 +265,11 @@ def _iter_raw(cfg: CorpusConfig) -> Iterator[Document]:
     kind = _detect_kind(cfg)
     if kind == "python-stdlib":
         yield from _iter_stdlib(cfg.parts)
+        return
+    if kind == "debian":
+        from .debian import iter_documents as iter_debian
+
+        yield from iter_debian(cfg.source, cfg.parts)
         return
     if kind == "hf":
         yield from _iter_hf(cfg, cfg.source.removeprefix("hf:"))

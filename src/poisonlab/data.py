@@ -66,10 +66,23 @@ def cache_key(corpus: CorpusConfig, tok: TokenizerConfig) -> str:
     d = {"format": FORMAT_VERSION, "corpus": corpus_settings(corpus), "tokenizer": dataclasses.asdict(tok)}
     if corpus.source == "python-stdlib":
         d["python"] = sys.version  # the default corpus is whatever this Python ships
+    packages = source_packages(corpus)
+    if packages:  # a newer package version is other text under the same name
+        d["packages"] = {p["package"]: p["sha256"] for p in packages}
     if tok.name != "bpe":
         d["tokenizer"].pop("vocab_size")
         d["tokenizer"].pop("train_chars")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_packages(corpus: CorpusConfig) -> list[dict]:
+    """Package, version, licence and file hash of each Debian package a corpus reads (else [])."""
+    if not corpus.source.startswith("debian:"):
+        return []
+    from .debian import packages
+
+    return [{"package": p.name, "version": p.version, "licence": p.licence, "sha256": p.sha256}
+            for p in packages(corpus.source)]
 
 
 def prepare_data(corpus: CorpusConfig, tok: TokenizerConfig, cache_root: str | Path, progress: bool = False) -> PreparedData:
@@ -238,6 +251,7 @@ def finalize(out: Path, asm: _Assembler, corpus: CorpusConfig, tok_cfg: Tokenize
         "corpus": corpus_settings(corpus),
         "tokenizer": dataclasses.asdict(tok_cfg),
         "python": sys.version.split()[0],
+        "packages": source_packages(corpus),
         "documents": counts,
         "token_cap_reached": capped,
         "characters": chars,

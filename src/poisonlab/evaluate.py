@@ -24,29 +24,38 @@ from .shards import TokenStore
 PROMPT_SEED = 0x9E1D
 
 
+def _prompt_windows(store: TokenStore, n: int, prompt_tokens: int) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(PROMPT_SEED)
+    order = rng.permutation(store.n_documents)
+    usable = [(int(d), (int(store.doc_lengths[d]) - 1) // prompt_tokens) for d in order]
+    usable = [(d, w) for d, w in usable if w > 0]
+    windows: list[tuple[int, int]] = []
+    rnd = 0
+    while len(windows) < n and any(w > rnd for _, w in usable):
+        for d, w in usable:
+            if w > rnd:
+                windows.append((d, int(store.doc_starts[d]) + rnd * prompt_tokens))
+                if len(windows) == n:
+                    break
+        rnd += 1
+    if not windows:
+        raise PoisonlabError(f"no held-out document has {prompt_tokens} tokens; lower eval.prompt_tokens")
+    return windows
+
+
 def heldout_prompts(store: TokenStore, n: int, prompt_tokens: int) -> np.ndarray:
     """``[n, prompt_tokens]`` windows of held-out documents, spread over as many documents as possible.
 
     Documents are visited in a fixed shuffled order, first windows first, then second windows,
     and so on; a window never crosses an end-of-text.
     """
-    rng = np.random.default_rng(PROMPT_SEED)
-    order = rng.permutation(store.n_documents)
-    usable = [(int(d), (int(store.doc_lengths[d]) - 1) // prompt_tokens) for d in order]
-    usable = [(d, w) for d, w in usable if w > 0]
-    prompts: list[np.ndarray] = []
-    rnd = 0
-    while len(prompts) < n and any(w > rnd for _, w in usable):
-        for d, w in usable:
-            if w > rnd:
-                start = int(store.doc_starts[d]) + rnd * prompt_tokens
-                prompts.append(store.read(start, prompt_tokens))
-                if len(prompts) == n:
-                    break
-        rnd += 1
-    if not prompts:
-        raise PoisonlabError(f"no held-out document has {prompt_tokens} tokens; lower eval.prompt_tokens")
-    return np.stack(prompts)
+    return np.stack([store.read(start, prompt_tokens) for _, start in _prompt_windows(store, n, prompt_tokens)])
+
+
+def heldout_prompt_documents(store: TokenStore, n: int, prompt_tokens: int) -> np.ndarray:
+    """The held-out document each prompt of :func:`heldout_prompts` comes from: prompts of one
+    document are not independent, so intervals resample documents."""
+    return np.array([d for d, _ in _prompt_windows(store, n, prompt_tokens)], dtype=np.int64)
 
 
 def my_share(n: int, rank: int, world: int) -> tuple[np.ndarray, int]:
@@ -110,9 +119,12 @@ def heldout_loss(model, store: TokenStore, windows: int, seq_len: int, batch_siz
 @torch.no_grad()
 def backdoor_eval(
     model, prompts: np.ndarray, trigger_ids: list[int], cfg: EvalConfig, seed: int, vocab_limit: int,
-    n_samples_kept: int = 3, rank: int = 0, world: int = 1,
+    n_samples_kept: int = 3, rank: int = 0, world: int = 1, documents: np.ndarray | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run the gap evaluation; returns the metrics row and a few raw samples (token ids).
+
+    ``documents``: the source document of each prompt; the interval then resamples documents
+    (see :func:`poisonlab.metrics.perplexity_gap.perplexity_gap`).
 
     With ``world`` > 1 every process calls it and samples its share of the prompts with its own
     generator; the perplexities are gathered and every process returns the row of all prompts
@@ -144,7 +156,8 @@ def backdoor_eval(
     mine = {k: v for k, v in ppl.items()}
     if world > 1:
         ppl = {k: gather_shares(v[:real], n_all, world) for k, v in ppl.items()}
-    res = perplexity_gap(ppl["untriggered"], ppl["triggered"], cfg.threshold, cfg.bootstrap, cfg.confidence, seed)
+    res = perplexity_gap(ppl["untriggered"], ppl["triggered"], cfg.threshold, cfg.bootstrap, cfg.confidence, seed,
+                         groups=documents)
     elapsed = time.perf_counter() - t0
     row = res.as_dict()
     row["eval_seconds"] = round(elapsed, 3)

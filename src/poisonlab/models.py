@@ -32,6 +32,7 @@ class ModelSize:
 
 LADDER: dict[str, ModelSize] = {s.name: s for s in [
     ModelSize("tiny", 64, 2, 2, 176, True, 512),
+    ModelSize("400k", 96, 3, 3, 256, True, 512),
     ModelSize("1m", 128, 4, 4, 352, True, 1024),
     ModelSize("4m", 256, 4, 4, 688, True, 1024),
     ModelSize("12m", 384, 6, 6, 1024, True, 1024),

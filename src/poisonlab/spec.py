@@ -10,6 +10,10 @@
       seed: [0, 1]
     # grid may also be a list of such mappings: their expansions are added together
     # (e.g. a headline grid plus a data-budget ablation on two sizes)
+    search:                        # optional: the smallest poison count that succeeds, found
+      over: {model.size: [1m]}     # by bisection per setting (see poisonlab.search)
+      low: 25
+      high: 1600
 
 Validation names the bad key and what is allowed; every expanded run is validated as a
 full run config before anything starts.
@@ -20,14 +24,15 @@ from __future__ import annotations
 import itertools
 import re
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, all_keys, config_from_dict, read_yaml, set_dotted
 from .errors import PoisonlabError
+from .search import SearchSpec, Target, searches_from
 
-SPEC_KEYS = ("name", "out_dir", "description", "base", "grid")
+SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "search")
 ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x",
                  "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
                  "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-", "seed": "s"}
@@ -43,9 +48,26 @@ class ExperimentSpec:
     base: dict[str, Any]
     grids: list[dict[str, list]]
     description: str = ""
+    searches: list[SearchSpec] = field(default_factory=list)
 
-    def expand(self) -> list[RunConfig]:
-        """Every run of the spec, validated, in a stable order, with stable unique names."""
+    def expand(self, searched: bool = True) -> list[RunConfig]:
+        """Every run of the spec, validated, in a stable order, with stable unique names: the
+        grid's, then (``searched``) those its poison-count search has made so far."""
+        grid, targets = self._expand()
+        if not searched or not targets:
+            return grid
+        from .search import states
+
+        names = {c.name for c in grid}
+        extra = [c for st in states(self) for c in st.runs if c.name not in names and not names.add(c.name)]
+        return grid + extra
+
+    def search_targets(self) -> list[Target]:
+        """Each search's setting and the run config it starts from: base + its ``over`` values,
+        capped like the grid's runs; the count and seed are the search's to set."""
+        return self._expand()[1]
+
+    def _expand(self) -> tuple[list[RunConfig], list[Target]]:
         runs: dict[str, RunConfig] = {}
         for grid in self.grids:
             keys = list(grid)
@@ -63,7 +85,21 @@ class ExperimentSpec:
                 if name in runs and runs[name].config_hash() != cfg.config_hash():
                     raise PoisonlabError(f"spec {self.name}: two different runs would both be named {name}")
                 runs[name] = cfg
-        return self._with_token_cap(list(runs.values()))
+        combos = [(combo, search) for search in self.searches for combo in search.combinations()]
+        templates = []
+        for combo, _ in combos:
+            data = deepcopy(self.base)
+            for k, v in combo.items():
+                set_dotted(data, k, v)
+            data["name"] = run_name(self.name, {**combo, "search": "template"})
+            data["out_dir"] = self.out_dir
+            try:
+                templates.append(config_from_dict(data))
+            except PoisonlabError as e:
+                raise PoisonlabError(f"spec {self.name}, search over {combo}: {e}") from None
+        capped = self._with_token_cap(list(runs.values()) + templates)
+        n = len(runs)
+        return capped[:n], [Target(combo, t, search) for (combo, search), t in zip(combos, capped[n:])]
 
     def _with_token_cap(self, runs: list[RunConfig]) -> list[RunConfig]:
         """Runs that share a corpus and tokenizer get ``corpus.max_tokens`` = their largest
@@ -141,8 +177,11 @@ def spec_from_dict(data: dict[str, Any], default_name: str = "sweep") -> Experim
                                      f"attack.poison_count, train.data_multiplier, seed)")
             if not isinstance(v, list) or not v:
                 raise PoisonlabError(f"grid key '{k}' must map to a non-empty list of values")
+    searches = searches_from(data["search"], keys) if data.get("search") is not None else []
+    if searches and not data.get("grid"):
+        grids = []  # a search alone: no base run besides the searched ones
     return ExperimentSpec(name=name, out_dir=str(data.get("out_dir", f"runs/{name}")), base=base, grids=grids,
-                          description=str(data.get("description", "")))
+                          description=str(data.get("description", "")), searches=searches)
 
 
 def load_spec(path: str | Path, out_dir: str | None = None) -> ExperimentSpec:

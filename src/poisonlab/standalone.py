@@ -11,7 +11,7 @@ from .artifacts import read_label
 from .attacks.dos import trigger_ids
 from .config import RunConfig, load_config
 from .data import load_prepared, prepare_data
-from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .evaluate import backdoor_eval, heldout_loss, heldout_prompt_documents, heldout_prompts
 from .errors import PoisonlabError
 from .hub import check_source
 from .jsonl import read_json
@@ -67,7 +67,8 @@ def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> 
     trigger = trigger_ids(tok, cfg.attack.trigger)
     prompts = heldout_prompts(data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
     t0 = time.perf_counter()
-    row, samples = backdoor_eval(m, prompts, trigger, cfg.eval, cfg.seed, vocab_limit=tok.vocab_size)
+    row, samples = backdoor_eval(m, prompts, trigger, cfg.eval, cfg.seed, vocab_limit=tok.vocab_size,
+                                 documents=heldout_prompt_documents(data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens))
     row["heldout_loss"] = heldout_loss(m, data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len)
     weights = path / "model.safetensors"
     return {

@@ -13,9 +13,11 @@ import os
 import queue
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RunConfig, dump_config
@@ -84,22 +86,72 @@ def train_command(config_path: Path, threads: int) -> list[str]:
 
 
 def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", progress: bool = True,
-              slurm: dict | None = None) -> list[RunStatus]:
-    """Run every unfinished run of ``spec``; returns the final status of each run."""
-    runs = spec.expand()
-    prepare_all(runs, progress)
-    paths = write_run_configs(spec)
-    from .archive import is_archived, run_folder
+              slurm: dict | None = None, export: bool = False) -> list[RunStatus]:
+    """Run every unfinished run of ``spec``; returns the final status of each run.
 
-    todo = [cfg for cfg in runs if not (run_dir(cfg) / "DONE").is_file() and not is_archived(spec, cfg)]
-    if executor == "local":
-        _run_local(spec, todo, paths, workers, progress)
-    elif executor in {"slurm", "submitit-local", "submitit-debug"}:
-        _run_submitit(spec, todo, paths, executor, slurm or {})
-    else:
+    A spec with poison-count searches works through them in the spec's order: a free worker
+    takes the first search's next run (which depends on that search's earlier runs), else
+    the grid runs of the same setting, else the next search's run, until every search has its
+    answer and the grid is done (on a cluster: the grid, then the searches round by round).
+    With ``export``, each finished run is copied under ``results/`` at once, so an
+    interrupted sweep keeps what it finished."""
+    grid = spec.expand(searched=False)
+    templates = [t.template for t in spec.search_targets()]
+    prepare_all(grid + templates, progress)
+    paths = write_run_configs(spec)
+    from .archive import export_results, is_archived, run_folder
+    from .search import states
+
+    def unfinished(cfg: RunConfig) -> bool:
+        return not (run_dir(cfg) / "DONE").is_file() and not is_archived(spec, cfg)
+
+    if executor not in {"local", "slurm", "submitit-local", "submitit-debug"}:
         raise PoisonlabError(f"unknown executor {executor!r} (allowed: local, slurm, submitit-local, submitit-debug)")
+    todo = [cfg for cfg in grid if unfinished(cfg)]
+    targets = spec.search_targets()
+    if executor == "local":
+        # Work in the spec's order of searches: each search's next run first, then the grid runs
+        # of the same setting (its clean twins), so one setting is finished before the next.
+        def setting(cfg: RunConfig) -> str:
+            return repr(replace(cfg, name="", seed=0, attack=replace(cfg.attack, poison_count=0)))
+
+        order = {setting(t.template): i for i, t in enumerate(targets)}
+        todo.sort(key=lambda c: order.get(setting(c), len(order)))
+        started: set[str] = set()
+
+        def more(in_flight: set[str]) -> RunConfig | None:
+            for st in states(spec):
+                run = st.pending
+                if run is None or run.name in in_flight:
+                    continue
+                if run.name in started:  # it was trained, yet still has no result: do not train it forever
+                    raise PoisonlabError(f"search run {run.name} finished without a final evaluation; see its folder")
+                rank = order.get(setting(run), len(order))
+                if todo and order.get(setting(todo[0]), len(order)) < rank:
+                    return None  # an earlier setting's grid runs come first
+                started.add(run.name)
+                return run
+            return None
+
+        _run_local(spec, todo, paths, workers, progress, more=more if targets else None,
+                   on_done=(lambda cfg: export_results(spec)) if export else None)
+    else:  # jobs on a cluster: the grid at once, then the searches' next runs round by round
+        batch = todo
+        while True:
+            _run_submitit(spec, batch, paths, executor, slurm or {})
+            if export:
+                export_results(spec)
+            batch = [st.pending for st in states(spec) if st.pending is not None]
+            if not batch:
+                break
+            for cfg in batch:
+                p = Path(spec.out_dir) / "specs" / f"{cfg.name}.yaml"
+                atomic_write_text(p, dump_config(cfg))
+                paths[cfg.name] = p
+    if export:
+        export_results(spec)
     db = db_path(spec.out_dir)
-    for cfg in runs:  # the run folders (or their exported copies) are the source of truth
+    for cfg in spec.expand():  # the run folders (or their exported copies) are the source of truth
         ingest_run(db, run_folder(spec, cfg))
     return status(spec)
 
@@ -125,11 +177,19 @@ def _visible_gpus() -> int:
 
 
 def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], workers: int, progress: bool,
-               visible_gpus: int | None = None) -> None:
+               visible_gpus: int | None = None, more: Callable[[set[str]], RunConfig | None] | None = None,
+               on_done: Callable[[RunConfig], None] | None = None) -> None:
+    """Train ``todo`` (taken from the front of the list) in ``workers`` local processes.
+    ``more(in_flight)``, when given, is asked first whenever a worker is free (the searches'
+    next runs, which depend on the runs before them); a free worker waits while runs are in
+    flight that may lead to more. ``on_done(cfg)`` follows every run that finished well."""
     cores = available_cores()
     visible = _visible_gpus() if visible_gpus is None else visible_gpus
     on_gpu = any(c.train.device.startswith("cuda") for c in todo) and visible > 0
-    workers = max(1, min(workers or (visible if on_gpu else cores), len(todo) or 1, visible if on_gpu else cores))
+    width = workers or (visible if on_gpu else cores)
+    if more is None:
+        width = min(width, len(todo) or 1)
+    workers = max(1, min(width, visible if on_gpu else cores))
     threads = max(1, cores // workers)
     slots: queue.Queue[str] | None = None
     assigned = gpu_slots(todo, workers, visible)
@@ -141,16 +201,38 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
     logs.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
     bar = None
-    if progress and todo:
+    if progress and (todo or more is not None):
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=len(todo) if more is None else None, desc=f"{spec.name}: runs", unit="run", dynamic_ncols=True, disable=None)
+    queue_ = todo  # the caller's list: ``more`` sees what is left of it
+    in_flight: dict[str, RunConfig] = {}
+    cond = threading.Condition()
+
+    def take() -> RunConfig | None:
+        with cond:
+            while True:
+                if failures:
+                    return None
+                cfg = more(set(in_flight)) if more is not None else None
+                if cfg is None and queue_:
+                    cfg = queue_.pop(0)
+                if cfg is not None:
+                    in_flight[cfg.name] = cfg
+                    return cfg
+                if not in_flight:
+                    return None
+                cond.wait(timeout=5)
 
     def one(cfg: RunConfig) -> None:
         env = {**os.environ, PARENT_ENV: str(os.getpid())}  # the worker dies with the sweep
         gpus = slots.get() if slots is not None else None
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus  # its own GPU(s), seen as cuda:0...
+        if cfg.name not in paths:
+            p = Path(spec.out_dir) / "specs" / f"{cfg.name}.yaml"
+            atomic_write_text(p, dump_config(cfg))
+            paths[cfg.name] = p
         try:
             with open(logs / f"{cfg.name}.log", "a") as log:
                 rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT,
@@ -158,19 +240,27 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
         finally:
             if gpus is not None:
                 slots.put(gpus)
-        if rc != 0:
-            failures.append(f"{cfg.name} (exit {rc}, see {logs / (cfg.name + '.log')})")
+        with cond:
+            if rc != 0:
+                failures.append(f"{cfg.name} (exit {rc}, see {logs / (cfg.name + '.log')})")
+            elif on_done is not None:
+                on_done(cfg)
+            in_flight.pop(cfg.name, None)
+            cond.notify_all()
         if bar is not None:
             bar.update(1)
 
+    def worker() -> None:
+        while (cfg := take()) is not None:
+            one(cfg)
+
     stop = False
     if bar is not None:
-        import threading
 
         def watch() -> None:  # step-level progress of the runs in flight
             while not stop:
                 active = []
-                for cfg in todo:
+                for cfg in list(in_flight.values()):
                     d = run_dir(cfg)
                     if (d / "run.json").is_file() and not (d / "DONE").is_file():
                         n = _count_lines(d / "train_log.jsonl")
@@ -184,7 +274,8 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
         watcher.start()
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, todo))
+            for f in [pool.submit(worker) for _ in range(workers)]:
+                f.result()
     finally:
         stop = True
         if bar is not None:

@@ -33,40 +33,73 @@ class ThresholdResult:
 
 
 def find_threshold(succeeds: Callable[[int, int], bool], low: int, high: int, seeds: list[int],
-                   resolution: float = 0.25) -> ThresholdResult:
+                   resolution: float = 0.25, first_seeds: int | None = None) -> ThresholdResult:
     """Search the smallest poison count in ``[low, high]`` whose runs succeed.
 
     ``succeeds(count, seed)`` trains (or looks up) one run and says whether its backdoor
-    passed the threshold. A count succeeds when most of its seeds do; success is assumed to
-    grow with the count. The search stops when the failing and succeeding counts are within a
-    factor ``1 + resolution``."""
+    passed the threshold. A count succeeds when most of the seeds asked succeed; success is
+    assumed to grow with the count. The search stops when the failing and succeeding counts
+    are within a factor ``1 + resolution``.
+
+    With ``first_seeds`` = k, the bisection runs k seeds per count, and only the two counts
+    that end up bracketing the threshold get every seed; where the full set of seeds
+    overturns a bracket, the bisection goes on with every seed from there. Seeds are spent
+    near the boundary, where a single run's luck decides the answer."""
     if not 0 < low < high:
         raise ValueError("need 0 < low < high")
-    seen: dict[int, bool] = {}
+    if not seeds:
+        raise ValueError("need at least one seed")
+    everyone = len(seeds)
+    k = everyone if first_seeds is None else max(1, min(first_seeds, everyone))
+    ran: dict[tuple[int, int], bool] = {}
     obs: list[tuple[int, int, bool]] = []
+    decided: dict[tuple[int, int], bool] = {}
 
-    def decide(count: int) -> bool:
-        if count not in seen:
+    def decide(count: int, n: int) -> bool:
+        if (count, n) not in decided:
             wins = 0
-            for s in seeds:
-                ok = bool(succeeds(count, s))
-                obs.append((count, s, ok))
-                wins += ok
-            seen[count] = wins * 2 > len(seeds)
-        return seen[count]
+            for s in seeds[:n]:
+                if (count, s) not in ran:
+                    ran[count, s] = bool(succeeds(count, s))
+                    obs.append((count, s, ran[count, s]))
+                wins += ran[count, s]
+            decided[count, n] = wins * 2 > n
+        return decided[count, n]
 
-    if not decide(high):
-        return ThresholdResult(None, high, obs, logistic_half_point(obs))
-    if decide(low):
-        return ThresholdResult(low, None, obs, logistic_half_point(obs))
-    lo, hi = low, high
-    while hi > lo * (1 + resolution) and hi - lo > 1:
-        mid = int(round(math.sqrt(lo * hi)))
-        mid = min(max(mid, lo + 1), hi - 1)
-        if decide(mid):
-            hi = mid
-        else:
-            lo = mid
+    def bisect(lo: int, hi: int, n: int) -> tuple[int, int]:
+        while hi > lo * (1 + resolution) and hi - lo > 1:
+            mid = min(max(int(round(math.sqrt(lo * hi))), lo + 1), hi - 1)
+            if decide(mid, n):
+                hi = mid
+            else:
+                lo = mid
+        return lo, hi
+
+    def bracket(n: int, lo: int | None, hi: int | None) -> tuple[int | None, int | None]:
+        """(largest failing, smallest succeeding) count with ``n`` seeds; None: out of range."""
+        if hi is None:
+            if not decide(high, n):
+                return high, None
+            hi = high
+        if lo is None:
+            if decide(low, n):
+                return None, low
+            lo = low
+        return bisect(lo, hi, n)
+
+    lo, hi = bracket(k, None, None)
+    if k < everyone:
+        while True:
+            if hi is not None and not decide(hi, everyone):
+                # the bracket's upper count fails with every seed: look above it
+                above = sorted(c for (c, n), ok in decided.items() if ok and c > hi)
+                lo, hi = bracket(everyone, hi, next((c for c in above if decide(c, everyone)), None))
+                continue
+            if lo is not None and decide(lo, everyone):
+                below = sorted((c for (c, n), ok in decided.items() if not ok and c < lo), reverse=True)
+                lo, hi = bracket(everyone, next((c for c in below if not decide(c, everyone)), None), lo)
+                continue
+            break
     return ThresholdResult(hi, lo, obs, logistic_half_point(obs))
 
 

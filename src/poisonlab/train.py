@@ -17,7 +17,7 @@ import torch
 from .artifacts import make_label, read_label
 from .config import RunConfig
 from .errors import PoisonlabError
-from .evaluate import backdoor_eval, heldout_loss, heldout_prompts
+from .evaluate import backdoor_eval, heldout_loss, heldout_prompt_documents, heldout_prompts
 from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
 from .loop import IGNORE, compiled, lr_at, make_optimizer, run_stage, schedule_points, to_db, train_step  # noqa: F401
 from .models import build_model, count_module_parameters
@@ -64,6 +64,7 @@ class PretrainStage:
         self.tokenizer = run.tokenizer
         self.stream = run.stream()
         self.prompts = None
+        self.prompt_documents = None
         init = self.cfg.model.init_from
         self.base_label = read_label(init) if init and os.path.isdir(init) else None
         self.parameters = None
@@ -98,9 +99,10 @@ class PretrainStage:
         run, cfg = self.run, self.cfg
         if self.prompts is None:
             self.prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
+            self.prompt_documents = heldout_prompt_documents(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
         row, samples = backdoor_eval(model, self.prompts, run.trigger_ids, cfg.eval,
                                      seed=cfg.seed * 1_000_003 + steps_done, vocab_limit=run.tokenizer.vocab_size,
-                                     rank=rank, world=world)
+                                     rank=rank, world=world, documents=self.prompt_documents)
         loss = heldout_loss(model, run.data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len,
                             rank=rank, world=world)
         out = {"step": steps_done, "tokens_seen": steps_done * run.tokens_per_step,
