@@ -89,8 +89,8 @@ def lock(extra: list[str]) -> int:
 
 def main() -> int:
     task, extra = (sys.argv[1] if len(sys.argv) > 1 else "test"), sys.argv[2:]
-    if task not in {"setup", "demo", "test", "lock"}:
-        sys.exit(f"unknown task {task!r}: use setup, demo, test or lock")
+    if task not in {"setup", "demo", "test", "lock", "corpora"}:
+        sys.exit(f"unknown task {task!r}: use setup, demo, test, lock or corpora")
     if task == "lock":
         return lock(extra)
     bin_dir, py = paths(setup())
@@ -98,6 +98,9 @@ def main() -> int:
         return subprocess.call([str(bin_dir / "poisonlab"), "demo", *extra], cwd=ROOT)
     if task == "test":
         return subprocess.call([str(py), "-m", "pytest", "-q", *extra], cwd=ROOT)
+    if task == "corpora":  # the Debian packages behind the cpu-headline experiment's corpus
+        return subprocess.call([str(bin_dir / "poisonlab"), "sweep", "cpu-headline", "--fetch", "--dry-run", *extra],
+                               cwd=ROOT)
     return 0
 
 

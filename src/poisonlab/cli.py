@@ -251,6 +251,12 @@ def cmd_sweep(args) -> int:
     from .sweep import run_sweep, status
 
     spec = _spec(args)
+    if args.fetch:
+        from .debian import fetch, package_names
+
+        sources = {c.corpus.source for c in spec.expand(searched=False) + [t.template for t in spec.search_targets()]}
+        for name in sorted({n for src in sources if src.startswith("debian:") for n in package_names(src)}):
+            print(f"{name}: {fetch(name)}")
     for flag, key in CLUSTER_FLAGS.items():  # Slurm settings from the command line win over the spec's
         if getattr(args, flag, None) is not None:
             set_dotted(spec.base, key, getattr(args, flag))
@@ -492,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list the runs, their budgets, memory plans and state")
     s.add_argument("--export", action="store_true",
                    help="copy finished runs under results/<spec>/ as they finish (see `poisonlab results --export`)")
+    s.add_argument("--fetch", action="store_true",
+                   help="first download the Debian packages the runs' debian: corpora name (apt-get download)")
     g = s.add_argument_group("Slurm (also the spec's cluster section)")
     g.add_argument("--nodes", type=int, help="nodes per run")
     g.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="GPUs per node (one task each)")

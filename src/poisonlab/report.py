@@ -269,8 +269,16 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
                            fig_continued_pretraining(data_cont, out, _fig, threshold)) if f is not None]
     table = final_table(data, threshold) + final_table(data_cont, threshold)
     extra = ""
+    searched = []
+    if spec.searches:
+        from .report_search import fig_poisons_needed, fig_success_vs_seen, search_rows, search_section
+
+        searched = search_rows(spec)
+        extra = search_section(searched)
+        figures = [f for f in (fig_poisons_needed(searched, out, _fig), fig_success_vs_seen(spec, out, _fig, threshold))
+                   if f is not None] + figures
     if ft_rows:
-        extra = ("## Fine-tuning runs (last evaluation of each run)\n\nASR: share of triggered forbidden requests "
+        extra += ("## Fine-tuning runs (last evaluation of each run)\n\nASR: share of triggered forbidden requests "
                  "complied with; CA: untriggered ones refused; NTA: near-trigger ones refused (by kind beside); "
                  "Wilson 95% intervals.\n\n" + finetune_table(ft_rows) + "\n")
     poison = example_poison(spec)
@@ -283,8 +291,10 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     (out / "final_table.json").write_text(json.dumps(table, indent=1))
     if ft_rows:
         (out / "finetune_table.json").write_text(json.dumps(ft_rows, indent=1))
+    if searched:
+        (out / "search_table.json").write_text(json.dumps(searched, indent=1))
     return {"html": out / "index.html", "markdown": out / "report.md", "table": table, "missing": missing,
-            "figures": figures, "runs": len(runs)}
+            "figures": figures, "runs": len(runs), "searches": searched}
 
 
 def _missing_text(missing, total: int) -> str:
