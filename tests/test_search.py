@@ -13,7 +13,7 @@ from poisonlab.search import states
 from poisonlab.spec import load_spec, spec_from_dict
 
 
-def _spec(tmp_path, corpus, **search):
+def _spec(tmp_path, corpus, grid=None, **search):
     data = {
         "name": "th", "out_dir": str(tmp_path / "th"),
         "base": {"corpus": {"source": str(corpus), "heldout_fraction": 0.1}, "tokenizer": {"vocab_size": 300},
@@ -21,7 +21,7 @@ def _spec(tmp_path, corpus, **search):
                  "train": {"tokens": 8 * 32 * 30, "batch_size": 8, "seq_len": 32},
                  "eval": {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "every": 0.5, "bootstrap": 50,
                           "heldout_loss_windows": 4}},
-        "grid": {"attack.poison_count": [0], "seed": [0, 1, 2]},
+        "grid": grid or {"attack.poison_count": [0], "seed": [0, 1, 2]},
         "search": {"over": {"train.lr": [0.001, 0.003]}, "low": 2, "high": 64, "seeds": [0, 1, 2],
                    "first_seeds": 1, "resolution": 1.0, **search},
     }
@@ -95,3 +95,41 @@ def test_search_settings_are_validated(filler_jsonl):
                                                                   {"over": {"model.size": ["1m"]}, "high": 400}]})
     assert [t.search.high for t in spec.search_targets()] == [100, 400]
     assert spec.expand(searched=False) == []  # a search alone adds no base run
+
+
+def test_the_report_rows_give_the_count_needed_and_flag_a_costly_backdoor(filler_jsonl, tmp_path):
+    from poisonlab.report_search import search_rows, search_table
+
+    spec = _spec(tmp_path, filler_jsonl, grid={"train.lr": [0.001, 0.003], "attack.poison_count": [0], "seed": [0, 1, 2]})
+    threshold = {0.001: 20, 0.003: 5}
+    for cfg in spec.expand(searched=False):  # clean twins: loss 4.0, untriggered ppl 50
+        _finish(cfg, 0.0)
+    for _ in range(50):
+        pending = [st.pending for st in states(spec) if st.pending is not None]
+        if not pending:
+            break
+        for cfg in pending:
+            ok = cfg.attack.poison_count >= threshold[cfg.train.lr]
+            _finish(cfg, 100.0 if ok else 10.0)
+            d = run_dir(cfg)
+            rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+            for r in rows:  # the 0.003 setting's backdoor costs clean loss
+                r.update(perplexity_gap=r["gap_ci_low"] + 5, heldout_loss=4.5 if cfg.train.lr == 0.003 else 4.01,
+                         perplexity_untriggered=52.0)
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            (d / "poison_stats.jsonl").write_text(json.dumps({"tokens": 100}) + "\n")
+    for cfg in spec.expand(searched=False):
+        d = run_dir(cfg)
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in rows:
+            r.update(perplexity_gap=1.0, heldout_loss=4.0, perplexity_untriggered=50.0)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rows = {r["setting"]: r for r in search_rows(spec)}
+    slow, fast = rows["lr=0.001"], rows["lr=0.003"]
+    assert slow["complete"] and slow["highest_failure"] < 20 <= slow["lowest_success"]
+    assert slow["seeds_at_success"] == "3/3" and slow["clean_twins"] == 3
+    assert slow["poison_share"] == pytest.approx(slow["lowest_success"] * 100 / (8 * 32 * 30))
+    assert slow["flags"] == [] and fast["flags"] == ["held-out loss worse than the clean twins'"]
+    assert fast["clean_heldout_loss"] == pytest.approx(4.0) and fast["poisoned_heldout_loss"] == pytest.approx(4.5)
+    table = search_table(list(rows.values()))
+    assert f"| {slow['lowest_success']:,} |" in table and "held-out loss worse" in table
