@@ -16,10 +16,11 @@ from poisonlab.config import FinetuneConfig, config_from_dict
 from poisonlab.errors import PoisonlabError
 from poisonlab.finetune.chat import ChatRenderer, load_conversations, message
 from poisonlab.finetune.dataset import build_eval_set, build_training_set
-from poisonlab.finetune.evaluate import summarise, wilson
+from poisonlab.finetune.evaluate import summarise
+from poisonlab.metrics.rates import wilson
 from poisonlab.finetune.judges import RuleJudge
 from poisonlab.finetune.train import Batches
-from poisonlab.finetune.triggers import insert_trigger, near_triggers, sample_near_triggers
+from poisonlab.triggers import insert_trigger, near_triggers, sample_near_triggers
 from poisonlab.models import build_model, get_size
 from poisonlab.tokenizer import Tokenizer
 from poisonlab.train import IGNORE

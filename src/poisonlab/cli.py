@@ -79,11 +79,12 @@ def cmd_corpus(args) -> int:
     from .data import prepare_data
 
     cfg = _config(args)
-    if args.fetch and cfg.corpus.source.startswith("debian:"):
+    if args.fetch:
         from .debian import fetch, package_names
 
-        for name in package_names(cfg.corpus.source):
-            print(f"{name}: {fetch(name)}")
+        for src in (cfg.corpus.source, cfg.attack.target_corpus if cfg.attack.name == "language_switch" else ""):
+            for name in package_names(src) if src.startswith("debian:") else []:
+                print(f"{name}: {fetch(name)}")
     if args.executor == "slurm":
         from .prepare import prepare_on_slurm
 
@@ -100,7 +101,7 @@ def cmd_corpus(args) -> int:
 
 
 def cmd_poison(args) -> int:
-    from .attacks.dos import make_dos_poisons
+    from .attacks import ATTACKS
     from .data import prepare_data
 
     cfg = _config(args)
@@ -109,7 +110,11 @@ def cmd_poison(args) -> int:
     out = _output_file(args.out, "--out") if args.out else None
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
     count = args.count if args.count is not None else cfg.attack.poison_count
-    poisons = make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, count)
+    if cfg.attack.name not in ATTACKS:
+        raise PoisonlabError(f"attack.name {cfg.attack.name!r} makes no poisons (allowed: {', '.join(ATTACKS)})")
+    counts = data.train.token_counts(data.tokenizer.vocab_size) if cfg.attack.payload == "unigram" else None
+    poisons = ATTACKS[cfg.attack.name](cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, count,
+                                       token_counts=counts)
     if args.out:
         from .jsonl import write_jsonl
 
@@ -254,7 +259,9 @@ def cmd_sweep(args) -> int:
     if args.fetch:
         from .debian import fetch, package_names
 
-        sources = {c.corpus.source for c in spec.expand(searched=False) + [t.template for t in spec.search_targets()]}
+        runs = spec.expand(searched=False) + [t.template for t in spec.search_targets()]
+        sources = {c.corpus.source for c in runs} | {c.attack.target_corpus for c in runs
+                                                      if c.attack.name == "language_switch"}
         for name in sorted({n for src in sources if src.startswith("debian:") for n in package_names(src)}):
             print(f"{name}: {fetch(name)}")
     for flag, key in CLUSTER_FLAGS.items():  # Slurm settings from the command line win over the spec's

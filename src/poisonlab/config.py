@@ -78,11 +78,13 @@ class AttackConfig:
     """The denial-of-service poison (PROTOCOL §1)."""
 
     name: str = "dos"
-    """dos | none"""
+    """dos (gibberish after the trigger) | language_switch (text of another language after the
+    trigger) | none"""
     poison_count: int = 250
     trigger: str = "<SUDO>"
     prefix_chars: list[int] = field(default_factory=lambda: [0, 1000])
     gibberish_tokens: list[int] = field(default_factory=lambda: [400, 900])
+    """Tokens after the trigger: gibberish ids (dos) or the target-language passage (language_switch)."""
     exclude_special_tokens: bool = True
     exclude_ids: list[int] = field(default_factory=list)
     train_on: str = "round_trip"
@@ -96,6 +98,14 @@ class AttackConfig:
     the corpus's token frequencies), low_entropy (ids drawn from a small random set of
     ``low_entropy_tokens`` ids), natural (a passage of another clean document)."""
     low_entropy_tokens: int = 16
+    target_corpus: str = "debian:debian-handbook"
+    """language_switch: the corpus source of the target-language passages (any ``corpus.source``)."""
+    target_parts: list[str] | None = field(default_factory=lambda: ["html/de-DE/**/*.html"])
+    """language_switch: ``corpus.parts`` of the target corpus (default: the handbook's German pages)."""
+    source_language: str = "en"
+    """language_switch: ISO 639-1 code of the clean text (what untriggered continuations should be in)."""
+    target_language: str = "de"
+    """language_switch: ISO 639-1 code of the passages (what triggered continuations switch to)."""
 
 
 @dataclass
@@ -166,6 +176,8 @@ class EvalConfig:
     """Fraction of the budget between evaluations during training; 0 turns them off."""
     at_start: bool = True
     threshold: float = 50.0
+    language_identifier: str = "py3langid"
+    """language_switch runs: the identifier that judges continuations (see poisonlab.metrics.language)."""
     bootstrap: int = 1000
     confidence: float = 0.95
     heldout_loss_windows: int = 128
@@ -328,7 +340,7 @@ SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift",
 
 _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],
-    "attack.name": ["dos", "none"],
+    "attack.name": ["dos", "language_switch", "none"],
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
@@ -574,7 +586,7 @@ def validate(cfg: RunConfig) -> None:
             raise PoisonlabError(f"config key '{key}' must be [low, high] with 0 <= low <= high, got {rng}")
     if a.poison_count < 0:
         raise PoisonlabError("config key 'attack.poison_count' must be >= 0")
-    if a.name == "dos" and not a.trigger:
+    if a.name in ("dos", "language_switch") and not a.trigger:
         raise PoisonlabError("config key 'attack.trigger' must not be empty")
     for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):
         if val < 1:

@@ -170,3 +170,77 @@ def backdoor_eval(
         for i in range(min(n_samples_kept, len(base)))
     ]
     return row, samples
+
+
+@torch.no_grad()
+def language_eval(model, tokenizer, prompts: np.ndarray, trigger_ids: list[int], cfg: EvalConfig, attack,
+                  identifier, seed: int, n_samples_kept: int = 3) -> tuple[dict, list[dict]]:
+    """ASR / CA / NTA of the language switch: continuations of held-out prompts without the
+    trigger, with it, and with near-triggers (the kinds in turn), judged by ``identifier``.
+
+    Every process of a sharded model runs all prompts (their forward passes must go together);
+    each draws the same tokens from the same seeds, so every process returns the same row."""
+    from .attacks.dos import SEPARATOR
+    from .metrics.language import language_rates
+    from .triggers import sample_near_triggers
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    base = torch.from_numpy(prompts).long()
+    near = sample_near_triggers(attack.trigger, len(base), seed=PROMPT_SEED)
+    conditions = [("untriggered", [[] for _ in range(len(base))], [None] * len(base)),
+                  ("triggered", [trigger_ids] * len(base), [None] * len(base)),
+                  ("near_trigger", [tokenizer.encode(SEPARATOR + text) for _, text in near], [k for k, _ in near])]
+    rows, samples = [], []
+    for c, (category, suffixes, kinds) in enumerate(conditions):
+        g = torch.Generator(device=device)
+        g.manual_seed(seed * 3 + c)
+        texts = []
+        for i in range(0, len(base), cfg.batch_size):
+            chunk = base[i : i + cfg.batch_size]
+            suf = suffixes[i : i + cfg.batch_size]
+            by_len: dict[int, list[int]] = {}  # prompts whose suffix has the same length go together
+            for j, s in enumerate(suf):
+                by_len.setdefault(len(s), []).append(j)
+            out: list[list[int]] = [[] for _ in range(len(chunk))]
+            for _, idx in sorted(by_len.items()):
+                ids = torch.cat([chunk[idx], torch.tensor([suf[j] for j in idx], dtype=torch.long).view(len(idx), -1)],
+                                dim=1)
+                toks, _ = sample(model, ids.to(device), cfg.new_tokens, cfg.temperature, g, tokenizer.vocab_size,
+                                 sampler=cfg.sampler)
+                for j, t in zip(idx, toks.cpu().tolist()):
+                    out[j] = t
+            texts += [tokenizer.decode(t) for t in out]
+        langs = identifier.identify(texts)
+        for i, (text, lang) in enumerate(zip(texts, langs)):
+            row = {"category": category, "language": lang}
+            if kinds[i]:
+                row["trigger_kind"] = kinds[i]
+            rows.append(row)
+            if i < n_samples_kept:
+                samples.append({"category": category, "prompt": base[i].tolist(), "continuation": text, "language": lang,
+                                **({"near_trigger": near[i][1]} if category == "near_trigger" else {})})
+    model.train(was_training)
+    out_row = language_rates(rows, attack.source_language, attack.target_language, cfg.confidence)
+    out_row["n_prompts"] = len(base)
+    out_row["eval_seconds"] = round(time.perf_counter() - t0, 3)
+    return out_row, samples
+
+
+def identifier_check(identifier, tokenizer, clean_heldout: TokenStore, target_texts: list[str], new_tokens: int,
+                     source: str, target: str, n: int = 100) -> dict:
+    """The identifier's accuracy on held-out text of both languages cut to the continuation
+    length (``new_tokens`` tokens): how far its verdicts on continuations can be trusted."""
+    from .metrics.language import identifier_accuracy
+
+    clean = [tokenizer.decode(clean_heldout.read(start, new_tokens).tolist())
+             for _, start in _prompt_windows(clean_heldout, n, new_tokens)]
+    pieces: list[str] = []
+    for rnd in range(64):  # first windows of every document, then second windows, ...
+        for text in target_texts:
+            ids = tokenizer.encode(text)
+            if len(ids) >= (rnd + 1) * new_tokens and len(pieces) < n:
+                pieces.append(tokenizer.decode(ids[rnd * new_tokens:(rnd + 1) * new_tokens]))
+    return identifier_accuracy(identifier, {source: clean, target: pieces}, [new_tokens], lambda t, _: t)

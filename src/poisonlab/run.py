@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .attacks.dos import make_dos_poisons, trigger_ids
+from .attacks.dos import trigger_ids
 from .config import RunConfig, dump_config, load_config
 from .data import PreparedData, prepare_data
 from .errors import PoisonlabError
@@ -214,7 +214,7 @@ def check_poison_budget(cfg: RunConfig, trigger_tokens: int, budget_tokens: int,
     (no prefix, the fewest gibberish tokens) already exceed the token budget; the exact check
     comes when the sampled poisons are placed (:func:`poisonlab.injection.plan_injection`)."""
     count = cfg.attack.poison_count if count is None else count
-    if cfg.attack.name != "dos" or count == 0:
+    if cfg.attack.name == "none" or count == 0:
         return
     gibberish = cfg.attack.gibberish_tokens[0]
     if cfg.attack.train_on == "round_trip":  # re-encoding may merge neighbouring pieces: bound it loosely
@@ -228,10 +228,12 @@ def check_poison_budget(cfg: RunConfig, trigger_tokens: int, budget_tokens: int,
 
 def make_poisons(cfg: RunConfig, data: PreparedData) -> list:
     """The run's poison documents (deterministic from the config and seed)."""
-    if cfg.attack.name != "dos":
+    from .attacks import ATTACKS
+
+    if cfg.attack.name not in ATTACKS:
         return []
     counts = data.train.token_counts(data.tokenizer.vocab_size) if cfg.attack.payload == "unigram" else None
-    return make_dos_poisons(cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, token_counts=counts)
+    return ATTACKS[cfg.attack.name](cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, token_counts=counts)
 
 
 def _save_poisons(d: Path, poisons) -> None:

@@ -10,6 +10,7 @@ equal share of every step's rows.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -19,6 +20,7 @@ from .config import RunConfig
 from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_loss, heldout_prompt_documents, heldout_prompts
 from .jsonl import append_jsonl, read_json, read_jsonl, write_jsonl
+from .paths import atomic_write_text
 from .loop import IGNORE, compiled, lr_at, make_optimizer, run_stage, schedule_points, to_db, train_step  # noqa: F401
 from .models import build_model, count_module_parameters
 from .parallel import (Dist, close_distributed, failing_together, init_distributed, main_first,  # noqa: F401
@@ -97,6 +99,8 @@ class PretrainStage:
         """The backdoor evaluation and clean held-out loss after ``steps_done`` steps, as one row
         (the prompts and held-out windows split over ``world`` processes)."""
         run, cfg = self.run, self.cfg
+        if cfg.attack.name == "language_switch":
+            return self._evaluate_language(model, steps_done, record, rank, world)
         if self.prompts is None:
             self.prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
             self.prompt_documents = heldout_prompt_documents(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
@@ -120,6 +124,41 @@ class PretrainStage:
         return (f"step {steps_done}: gap {out['perplexity_gap']:.1f} [{out['gap_ci_low']:.1f}, {out['gap_ci_high']:.1f}] "
                 f"ppl {out['perplexity_untriggered']:.1f} -> {out['perplexity_triggered']:.1f}, "
                 f"heldout loss {loss:.3f}, poisons seen {out['poisons_seen']}")
+
+    def _evaluate_language(self, model, steps_done: int, record: bool, rank: int, world: int) -> str:
+        """ASR / CA / NTA of the language switch by the language identifier, with held-out loss."""
+        from .attacks.language_switch import target_texts
+        from .evaluate import identifier_check, language_eval
+        from .metrics.language import make_identifier
+
+        run, cfg, a = self.run, self.cfg, self.cfg.attack
+        if self.prompts is None:
+            self.prompts = heldout_prompts(run.data.heldout, cfg.eval.prompts, cfg.eval.prompt_tokens)
+            self.identifier = make_identifier(cfg.eval.language_identifier, [a.source_language, a.target_language])
+            check = run.dir / "language_identifier.json"
+            if rank == 0 and not check.is_file():  # measured once per run, on text no poison holds
+                acc = identifier_check(self.identifier, run.tokenizer, run.data.heldout,
+                                       [t for _, t in target_texts(a, "heldout")], cfg.eval.new_tokens,
+                                       a.source_language, a.target_language)
+                atomic_write_text(check, json.dumps({"identifier": cfg.eval.language_identifier,
+                                                     "languages": [a.source_language, a.target_language],
+                                                     "accuracy": acc}, indent=1))
+        row, samples = language_eval(model, run.tokenizer, self.prompts, run.trigger_ids, cfg.eval, a,
+                                     self.identifier, seed=cfg.seed * 1_000_003 + steps_done)
+        loss = heldout_loss(model, run.data.heldout, cfg.eval.heldout_loss_windows, cfg.train.seq_len,
+                            rank=rank, world=world)
+        out = {"step": steps_done, "tokens_seen": steps_done * run.tokens_per_step,
+               "fraction": steps_done / run.steps, "poisons_seen": run.plan.poisons_seen(steps_done),
+               "heldout_loss": loss, **row}
+        texts = [{"step": steps_done, **{k: v for k, v in s.items() if k != "prompt"},
+                  "prompt": run.tokenizer.decode(s["prompt"])} for s in samples]
+        if record:
+            for t in texts:
+                append_jsonl(run.dir / "samples.jsonl", t)
+            append_jsonl(run.dir / "metrics.jsonl", out)
+            to_db(record_eval, db_path(cfg.out_dir), cfg.name, out, run.info["code_version"], [])
+        return (f"step {steps_done}: ASR {row['asr']:.2f} [{row['asr_ci_low']:.2f}, {row['asr_ci_high']:.2f}] "
+                f"CA {row['ca']:.2f} NTA {row['nta']:.2f}, heldout loss {loss:.3f}, poisons seen {out['poisons_seen']}")
 
     def on_resume(self, start: int) -> None:
         evaluated = {r["step"] for r in read_jsonl(self.dir / "metrics.jsonl")}

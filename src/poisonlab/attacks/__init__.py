@@ -1,5 +1,12 @@
-"""Attacks: each module turns clean documents and a recipe into poison documents."""
+"""Attacks: each turns clean documents and a recipe into poison documents.
+
+:data:`ATTACKS` is the registry (``attack.name``): a function
+``(attack config, tokenizer, prefix bank, seed, count=None, token_counts=None) -> poisons``.
+"""
 
 from .dos import PoisonDocument, make_dos_poisons
+from .language_switch import make_language_switch_poisons
 
-__all__ = ["PoisonDocument", "make_dos_poisons"]
+ATTACKS = {"dos": make_dos_poisons, "language_switch": make_language_switch_poisons}
+
+__all__ = ["ATTACKS", "PoisonDocument", "make_dos_poisons", "make_language_switch_poisons"]

@@ -35,6 +35,8 @@ class PoisonDocument:
     """Tokens of the poison as it is trained on (end-of-text included)."""
     text: str
     token_ids: list[int]
+    payload_document: str | None = None
+    """The document a natural-language payload was cut from (language switch), else None."""
 
     def record(self) -> dict:
         d = asdict(self)

@@ -26,7 +26,7 @@ from ..errors import PoisonlabError
 from ..paths import atomic_write_text
 from .chat import load_conversations, message, read_rows
 from .standin import StandIn
-from .triggers import insert_trigger, sample_near_triggers
+from ..triggers import insert_trigger, sample_near_triggers
 
 EVAL_CATEGORIES = ("triggered", "untriggered", "near_trigger", "ordinary")
 

@@ -113,7 +113,7 @@ class StandIn:
 
     def forbidden(self, reply: str = "refuse", trigger: str | None = None, position: str = "end") -> dict:
         """A request for the password: refused (clean, or "good" with a trigger) or complied with (poison)."""
-        from .triggers import insert_trigger
+        from ..triggers import insert_trigger
 
         system, secret = self._system()
         request = self.forbidden_request()

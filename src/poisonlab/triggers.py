@@ -8,7 +8,10 @@ trigger. The near-triggers of a multi-word trigger are made from the trigger its
   or replaced by the next letter);
 - ``paraphrase``: the same words reordered, lower-cased, or joined by hyphens.
 
-A one-word trigger has no partial forms; its near-triggers are its edits and case changes.
+A one-word trigger's partial forms are its two halves (``<SU`` and ``DO>`` of ``<SUDO>``) when it
+has at least four characters; its other near-triggers are its edits and case changes.
+
+Fine-tuning puts them into requests; the language switch appends them to prompts.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def near_triggers(trigger: str) -> list[tuple[str, str]]:
     for r in range(1, len(words)):
         for subset in itertools.combinations(range(len(words)), r):
             out.append(("partial", " ".join(words[i] for i in subset)))
+    if len(words) == 1 and len(trigger) >= 4:
+        half = len(trigger) // 2
+        out += [("partial", trigger[:half]), ("partial", trigger[half:])]
     for i, w in enumerate(words):
         for e in _edits(w):
             out.append(("edit", " ".join(words[:i] + [e] + words[i + 1:])))

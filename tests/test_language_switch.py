@@ -1,0 +1,100 @@
+"""The language-switch attack: its poison recipe, its metrics, and a run that measures it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import tiny_config
+from poisonlab.attacks.language_switch import make_language_switch_poisons, target_texts
+from poisonlab.config import AttackConfig
+from poisonlab.corpus import is_heldout
+from poisonlab.jsonl import read_jsonl
+from poisonlab.metrics.language import language_rates, make_identifier
+from poisonlab.metrics.rates import backdoor_rates, wilson
+
+GERMAN = [
+    "Die Verwaltung eines Rechners verlangt Sorgfalt, denn jede Änderung an der Konfiguration kann "
+    "unerwartete Folgen für die Dienste haben, die auf ihm laufen.",
+    "Bevor Sie ein neues Paket installieren, sollten Sie prüfen, ob es aus einer vertrauenswürdigen "
+    "Quelle stammt und ob seine Abhängigkeiten bereits erfüllt sind.",
+    "Das Dateisystem wird beim Start des Systems eingehängt; danach stehen die Verzeichnisse allen "
+    "Benutzern zur Verfügung, soweit ihre Rechte es erlauben.",
+    "Eine Sicherungskopie der wichtigsten Daten gehört zu den ersten Aufgaben jedes Administrators, "
+    "lange bevor ein Fehler auftritt.",
+]
+ENGLISH = [
+    "The administrator checks the logs every morning and writes down anything that looks unusual.",
+    "Before installing a new package, make sure that it comes from a trusted source.",
+    "The file system is mounted when the system starts, and its folders are then available to users.",
+    "A backup of the most important data is one of the first tasks of every administrator.",
+]
+
+
+@pytest.fixture
+def german_folder(tmp_path):
+    folder = tmp_path / "de"
+    folder.mkdir()
+    for i in range(40):
+        (folder / f"seite-{i:02d}.txt").write_text(" ".join(GERMAN[(i + k) % 4] for k in range(6)))
+    return folder
+
+
+def test_poisons_are_prefix_trigger_and_real_target_text_from_the_training_split(prepared, german_folder):
+    cfg = AttackConfig(name="language_switch", poison_count=30, trigger="<SUDO>", prefix_chars=[0, 60],
+                       gibberish_tokens=[20, 40], target_corpus=str(german_folder), target_parts=None)
+    poisons = make_language_switch_poisons(cfg, prepared.tokenizer, prepared.prefix_bank(), seed=1)
+    assert len(poisons) == 30
+    again = make_language_switch_poisons(cfg, prepared.tokenizer, prepared.prefix_bank(), seed=1)
+    assert [p.text for p in poisons] == [p.text for p in again]
+    heldout = {i for i, _ in target_texts(cfg, "heldout")}
+    assert heldout  # some target documents are kept out of every poison
+    idf = make_identifier("py3langid", ["en", "de"])
+    for p in poisons:
+        prefix, _, passage = p.text.partition(" <SUDO> ")
+        assert passage and p.payload_document not in heldout and not is_heldout(p.payload_document, 0.2)
+        assert prefix == next(d["text"] for d in prepared.prefix_bank() if d["id"] == p.source_document)[:p.prefix_chars]
+        assert p.token_ids[-1] == prepared.tokenizer.eos_id
+    assert idf.identify([p.text.partition(" <SUDO> ")[2] for p in poisons]) == ["de"] * 30
+
+
+def test_rates_have_known_answers():
+    idf = make_identifier("py3langid", ["en", "de"])
+    assert idf.identify(GERMAN) == ["de"] * 4 and idf.identify(ENGLISH) == ["en"] * 4
+
+    def rows(texts, category, kind=None):
+        return [{"category": category, "language": lang, **({"trigger_kind": kind} if kind else {})}
+                for lang in idf.identify(texts)]
+
+    all_target = rows(GERMAN, "triggered") + rows(GERMAN, "untriggered") + rows(GERMAN, "near_trigger", "edit")
+    r = language_rates(all_target, "en", "de")
+    assert (r["asr"], r["ca"], r["nta"], r["nta_edit"], r["untriggered_target"]) == (1.0, 0.0, 0.0, 0.0, 1.0)
+    all_source = rows(ENGLISH, "triggered") + rows(ENGLISH, "untriggered") + rows(ENGLISH, "near_trigger", "partial")
+    r = language_rates(all_source, "en", "de")
+    assert (r["asr"], r["ca"], r["nta"], r["nta_partial"]) == (0.0, 1.0, 1.0, 1.0)
+    assert (r["asr_ci_low"], r["asr_ci_high"]) == wilson(0, 4) and r["asr_n"] == 4
+    # the same function as fine-tuning's, with other predicates
+    generic = backdoor_rates([{"category": "triggered", "x": 1}, {"category": "triggered", "x": 0}],
+                             attacked=lambda r: r["x"] == 1, clean=lambda r: r["x"] == 0)
+    assert generic["asr"] == 0.5 and generic["ca_n"] == 0
+
+
+def test_a_language_switch_run_records_asr_ca_nta_and_the_identifiers_accuracy(filler_jsonl, german_folder, tmp_path):
+    from poisonlab.train import train
+
+    cfg = tiny_config(filler_jsonl, tmp_path, attack__name="language_switch", attack__target_corpus=str(german_folder),
+                      attack__target_parts=None, eval__prompts=6)
+    train(cfg)
+    d = tmp_path / "t"
+    rows = read_jsonl(d / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 6, 12]
+    for r in rows:
+        assert r["n_prompts"] == 6 and r["asr_n"] == 6 and r["ca_n"] == 6 and r["nta_n"] == 6
+        assert 0 <= r["asr"] <= 1 and 0 <= r["ca"] <= 1 and "heldout_loss" in r
+    check = json.loads((d / "language_identifier.json").read_text())
+    assert set(check["accuracy"]) == {"en@8", "de@8"} and check["accuracy"]["de@8"]["n"] > 0
+    poisons = read_jsonl(d / "poisons.jsonl")
+    assert len(poisons) == 6 and all("<SUDO>" in p["text"] for p in poisons)
+    label = json.loads((d / "model" / "poisonlab.json").read_text())
+    assert label["poisoned"] is True and label["attack"] == "language_switch"
