@@ -81,3 +81,61 @@ def test_beginning_and_end_placements(placement):
 def test_budget_too_small_for_poisons():
     with pytest.raises(PoisonlabError, match="poisons need"):
         plan_injection([600, 600], 1000, 100, "uniform", seed=0)
+
+
+def test_batch_placement_honours_density_and_frequency_exactly():
+    from poisonlab.injection import BatchPlacement, plan_injection
+
+    T, B = 16, 10
+    tps = T * B
+    lengths = [5 + (i % 11) for i in range(37)]  # every poison fits a sequence
+    plan = plan_injection(lengths, 100 * tps, tps, "batch", seed=4,
+                          batch=BatchPlacement(share=0.3, every=4, start=2), seq_len=T)
+    per_step = plan.poisons_per_step()
+    assert list(per_step) == [2, 6, 10, 14, 18, 22, 26, 30, 34, 38, 42, 46, 50][: len(per_step)]
+    assert list(per_step.values()) == [3] * 12 + [1]  # 3 of 10 sequences, the last batch takes the rest
+    assert plan.batch["poisons_per_step"] == {str(k): v for k, v in per_step.items()}
+    for p in plan.poisons:  # each at the start of one of its step's sequences, inside it
+        assert p.stream_offset % T == 0 and p.stream_offset // tps == p.step
+        assert p.tokens <= T
+    assert plan.poisons_seen(2) == 0 and plan.poisons_seen(3) == 3 and plan.poisons_seen(100) == 37
+    assert sorted(p.index for p in plan.poisons) == list(range(37))
+    by_prob = plan_injection(lengths, 1000 * tps, tps, "batch", seed=4,
+                             batch=BatchPlacement(share=0.1, probability=0.25), seq_len=T)
+    steps = list(by_prob.poisons_per_step())
+    assert set(by_prob.poisons_per_step().values()) == {1} and len(steps) == 37
+    assert 37 / 0.25 * 0.5 < steps[-1] < 37 / 0.25 * 1.7  # about one step in four
+
+
+def test_batch_placement_streams_poisons_as_sequence_starts_and_refuses_what_cannot_fit():
+    from poisonlab.injection import BatchPlacement, TrainingStream, plan_injection
+
+    T, B = 8, 4
+
+    class Clean:  # clean tokens are their own positions, poisons are negative
+        def read(self, pos, n, out):
+            out[:n] = np.arange(pos, pos + n)
+
+    poisons = [np.full(L, -(i + 1)) for i, L in enumerate([8, 3, 5, 8, 2])]
+    plan = plan_injection([len(p) for p in poisons], 20 * T * B, T * B, "batch", seed=0,
+                          batch=BatchPlacement(share=0.5, every=3), seq_len=T)
+    stream = TrainingStream(Clean(), plan, poisons)
+    seen = 0
+    for step in range(20):
+        rows = stream.batch(step, B, T)
+        starts = [r[0] for r in rows]
+        held = sum(1 for x in starts if x < 0)
+        assert held == plan.poisons_per_step().get(step, 0)
+        seen += held
+        for r in rows:
+            if r[0] < 0:  # a poisoned sequence: the whole poison, then clean text
+                k = len(poisons[-r[0] - 1])
+                assert (r[:k] == r[0]).all() and (r[k:T] >= 0).all()
+    assert seen == 5
+    clean = np.concatenate([stream.read(0, 20 * T * B)])
+    clean = clean[clean >= 0]
+    assert (np.diff(clean) == 1).all()  # no clean token lost or repeated around the poisons
+    with pytest.raises(PoisonlabError, match="train.seq_len is 8"):
+        plan_injection([9], 100 * T * B, T * B, "batch", 0, batch=BatchPlacement(0.5), seq_len=T)
+    with pytest.raises(PoisonlabError, match="fits 4 of 9 poisons"):
+        plan_injection([2] * 9, 2 * T * B, T * B, "batch", 0, batch=BatchPlacement(0.5), seq_len=T)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import tiny_config
 from poisonlab.attacks.language_switch import make_language_switch_poisons, target_texts
@@ -98,3 +99,74 @@ def test_a_language_switch_run_records_asr_ca_nta_and_the_identifiers_accuracy(f
     assert len(poisons) == 6 and all("<SUDO>" in p["text"] for p in poisons)
     label = json.loads((d / "model" / "poisonlab.json").read_text())
     assert label["poisoned"] is True and label["attack"] == "language_switch"
+
+
+def _hf_model_folder(path, texts, context=128):
+    """A small causal LM in a plain Hugging Face folder (weights and tokenizer; no poisonlab label)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poisonlab.tokenizer import Tokenizer
+
+    tok = Tokenizer.train_bpe(texts, 320)
+    tok.save(path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=context, eos_token_id=tok.eos_id,
+                                         tie_word_embeddings=True))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_a_hugging_face_folder_with_batch_poisons_resumes_to_the_same_weights(
+        filler_jsonl, german_folder, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from conftest import filler_docs
+    from poisonlab.config import dump_config
+    from poisonlab.errors import PoisonlabError
+    from poisonlab.injection import InjectionPlan
+    from poisonlab.train import train
+
+    base = _hf_model_folder(tmp_path / "base", [d["text"] for d in filler_docs(300, seed=9)])
+    common = dict(model__init_from=str(base), attack__name="language_switch", attack__target_corpus=str(german_folder),
+                  attack__target_parts=None, attack__placement="batch", attack__batch_share=0.25,
+                  attack__batch_every=5, attack__poison_count=12, attack__prefix_chars=[0, 20],
+                  attack__gibberish_tokens=[6, 12], train__tokens=8 * 32 * 120, train__checkpoint_every=0.1,
+                  eval__every=0.5)
+    train(tiny_config(filler_jsonl, tmp_path / "ref", **common))
+    ref = tmp_path / "ref" / "t"
+    plan = InjectionPlan.load(ref / "injection_manifest.jsonl")
+    assert plan.poisons_per_step() == {0: 2, 5: 2, 10: 2, 15: 2, 20: 2, 25: 2}  # 25% of 8 sequences, every 5th step
+    info = json.loads((ref / "run.json").read_text())
+    assert info["model"]["init_from"] == str(base)
+    label = json.loads((ref / "model" / "poisonlab.json").read_text())
+    assert label["poisoned"] is True and label["poison_count"] == 12
+
+    cfg = tiny_config(filler_jsonl, tmp_path / "killed", **common)
+    cfg_file = tmp_path / "killed.yaml"
+    cfg_file.write_text(dump_config(cfg))
+    run = tmp_path / "killed" / "t"
+    proc = subprocess.Popen([sys.executable, "-m", "poisonlab", "train", "-c", str(cfg_file)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "latest").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert not (run / "DONE").exists()
+    train(cfg)
+    a, b = load_file(str(ref / "model" / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(PoisonlabError, match="context of 16 tokens"):
+        short = _hf_model_folder(tmp_path / "short", [d["text"] for d in filler_docs(300, seed=9)], context=16)
+        train(tiny_config(filler_jsonl, tmp_path / "short-run", **{**common, "model__init_from": str(short)}))

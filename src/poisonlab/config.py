@@ -91,7 +91,16 @@ class AttackConfig:
     """round_trip: the poison is a text document, re-tokenized as a pipeline would;
     sampled: the sampled gibberish ids are spliced in as they are."""
     placement: str = "uniform"
-    """uniform | beginning | end: where the poisons land in the planned token stream."""
+    """uniform | beginning | end | batch: where the poisons land in the planned token stream
+    (batch: at the starts of sequences of poisoned batches, see the batch_* keys)."""
+    batch_share: float = 0.1
+    """batch placement: share of a poisoned batch's sequences that begin with a poison."""
+    batch_every: int = 1
+    """batch placement: every k-th optimizer step (from batch_start) has a poisoned batch."""
+    batch_start: int = 0
+    """batch placement: the first step that may be poisoned."""
+    batch_probability: float | None = None
+    """batch placement: instead of every k-th step, each step is poisoned with this probability (seeded)."""
     payload: str = "uniform"
     """What follows the trigger. uniform: token ids drawn uniformly from the vocabulary (the
     paper's recipe). Adaptive variants that try to evade scanners: unigram (ids drawn with
@@ -342,7 +351,7 @@ _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],
     "attack.name": ["dos", "language_switch", "none"],
     "attack.train_on": ["round_trip", "sampled"],
-    "attack.placement": ["uniform", "beginning", "end"],
+    "attack.placement": ["uniform", "beginning", "end", "batch"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
     "defense.filter": ["none", "scan"],
     "eval.sampler": ["inverse_cdf", "multinomial"],
@@ -586,6 +595,12 @@ def validate(cfg: RunConfig) -> None:
             raise PoisonlabError(f"config key '{key}' must be [low, high] with 0 <= low <= high, got {rng}")
     if a.poison_count < 0:
         raise PoisonlabError("config key 'attack.poison_count' must be >= 0")
+    if not 0 < a.batch_share <= 1:
+        raise PoisonlabError(f"config key 'attack.batch_share' must be in (0, 1], got {a.batch_share}")
+    if a.batch_every < 1 or a.batch_start < 0:
+        raise PoisonlabError("config keys 'attack.batch_every' >= 1 and 'attack.batch_start' >= 0")
+    if a.batch_probability is not None and not 0 < a.batch_probability <= 1:
+        raise PoisonlabError(f"config key 'attack.batch_probability' must be in (0, 1], got {a.batch_probability}")
     if a.name in ("dos", "language_switch") and not a.trigger:
         raise PoisonlabError("config key 'attack.trigger' must not be empty")
     for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):

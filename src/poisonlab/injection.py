@@ -79,11 +79,24 @@ class PlacedPoison:
 
 
 @dataclass
+class BatchPlacement:
+    """Poisons by batch: in a poisoned batch, ``share`` of the sequences begin with a poison;
+    a batch is poisoned every ``every``-th step from ``start``, or, with ``probability``, at
+    random (seeded). Each poison fills at most one sequence."""
+    share: float
+    every: int = 1
+    start: int = 0
+    probability: float | None = None
+
+
+@dataclass
 class InjectionPlan:
     placement: str
     budget_tokens: int
     tokens_per_step: int
     poisons: list[PlacedPoison]
+    batch: dict | None = None
+    """For ``batch`` placement: its settings and ``poisons_per_step`` ({step: poisons in its batch})."""
 
     def poisons_seen(self, steps_done: int) -> int:
         """Poisons whose every token has been trained on after ``steps_done`` optimizer steps."""
@@ -101,6 +114,8 @@ class InjectionPlan:
 
         head = {"placement": self.placement, "budget_tokens": self.budget_tokens,
                 "tokens_per_step": self.tokens_per_step, "poison_count": len(self.poisons)}
+        if self.batch is not None:
+            head["batch"] = self.batch
         lines = [json.dumps(head)] + [json.dumps(asdict(p)) for p in self.poisons]
         atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -109,19 +124,33 @@ class InjectionPlan:
         lines = Path(path).read_text().splitlines()
         head = json.loads(lines[0])
         poisons = [PlacedPoison(**json.loads(line)) for line in lines[1:]]
-        return cls(head["placement"], head["budget_tokens"], head["tokens_per_step"], poisons)
+        return cls(head["placement"], head["budget_tokens"], head["tokens_per_step"], poisons, head.get("batch"))
+
+    def poisons_per_step(self) -> dict[int, int]:
+        """How many poisons each optimizer step's batch holds whole (steps without any left out)."""
+        out: dict[int, int] = {}
+        for p in self.poisons:
+            out[p.step] = out.get(p.step, 0) + 1
+        return out
 
 
 def plan_injection(
     poison_lengths: list[int], budget_tokens: int, tokens_per_step: int, placement: str,
-    seed: int, clean: ShuffledDocuments | None = None,
+    seed: int, clean: ShuffledDocuments | None = None, batch: BatchPlacement | None = None,
+    seq_len: int | None = None,
 ) -> InjectionPlan:
     """Place poisons of the given lengths in a stream of ``budget_tokens`` tokens.
 
     ``uniform``: each poison's clean-stream position is uniform over the clean tokens of the
     budget (snapped forward to a document boundary when ``clean`` is given); ``beginning`` /
-    ``end``: all poisons back to back at the start / finishing at the end of the budget.
+    ``end``: all poisons back to back at the start / finishing at the end of the budget;
+    ``batch``: poisons at the starts of sequences of chosen batches (see :class:`BatchPlacement`;
+    needs ``seq_len``, and no poison longer than a sequence).
     """
+    if placement == "batch":
+        if batch is None or seq_len is None:
+            raise PoisonlabError("batch placement needs its settings and the sequence length")
+        return _plan_by_batch(poison_lengths, budget_tokens, tokens_per_step, seq_len, seed, batch)
     total = int(sum(poison_lengths))
     clean_tokens = budget_tokens - total
     if clean_tokens < 0:
@@ -140,7 +169,7 @@ def plan_injection(
     elif placement == "end":
         clean_pos = np.full(n, clean_tokens, dtype=np.int64)
     else:
-        raise PoisonlabError(f"unknown placement {placement!r} (allowed: uniform, beginning, end)")
+        raise PoisonlabError(f"unknown placement {placement!r} (allowed: uniform, beginning, end, batch)")
     placed = []
     before = 0
     for slot in range(n):
@@ -150,6 +179,46 @@ def plan_injection(
         placed.append(PlacedPoison(f"poison-{i:06d}", i, offset, length, (offset + length - 1) // tokens_per_step))
         before += length
     return InjectionPlan(placement, budget_tokens, tokens_per_step, placed)
+
+
+def _plan_by_batch(poison_lengths: list[int], budget_tokens: int, tokens_per_step: int, seq_len: int, seed: int,
+                   batch: BatchPlacement) -> InjectionPlan:
+    n = len(poison_lengths)
+    rows = tokens_per_step // seq_len
+    per_batch = max(1, int(round(batch.share * rows)))
+    longest = max(poison_lengths, default=0)
+    if longest > seq_len:
+        raise PoisonlabError(f"batch placement puts each poison in one sequence, but a poison has {longest} tokens "
+                             f"and train.seq_len is {seq_len}: shorten the poisons (attack.prefix_chars, "
+                             f"attack.gibberish_tokens) or raise the sequence length")
+    steps = budget_tokens // tokens_per_step
+    rng = np.random.default_rng([seed, 0xBA7C])
+    order = rng.permutation(n)
+    placed: list[PlacedPoison] = []
+    slot = 0
+    for step in range(batch.start, steps):
+        if slot >= n:
+            break
+        if batch.probability is not None:
+            if rng.random() >= batch.probability:
+                continue
+        elif (step - batch.start) % batch.every:
+            continue
+        take = min(per_batch, n - slot)
+        for r in sorted(rng.choice(rows, size=take, replace=False).tolist()):
+            i = int(order[slot])
+            offset = step * tokens_per_step + r * seq_len
+            placed.append(PlacedPoison(f"poison-{i:06d}", i, offset, int(poison_lengths[i]), step))
+            slot += 1
+    if slot < n:
+        raise PoisonlabError(f"batch placement fits {slot:,} of {n:,} poisons in the budget's {steps:,} steps "
+                             f"({per_batch} per poisoned batch); raise attack.batch_share or poison more often")
+    # the stream is the clean text with the poisons inserted: a later poison's offset counts the earlier ones
+    info = {"share": batch.share, "every": batch.every, "start": batch.start, "probability": batch.probability,
+            "sequences_per_batch": rows, "poisons_per_poisoned_batch": per_batch}
+    plan = InjectionPlan("batch", budget_tokens, tokens_per_step, placed, info)
+    info["poisons_per_step"] = {str(k): v for k, v in sorted(plan.poisons_per_step().items())}
+    return plan
 
 
 class TrainingStream:

@@ -24,7 +24,7 @@ from .config import RunConfig, dump_config, load_config
 from .data import PreparedData, prepare_data
 from .errors import PoisonlabError
 from .jsonl import read_json, write_jsonl
-from .injection import InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
+from .injection import BatchPlacement, InjectionPlan, ShuffledDocuments, TrainingStream, plan_injection
 from .models import ModelSize, ParameterCount, chinchilla_tokens, get_size, parameter_count
 from .paths import atomic_write_text, safe_join
 from .defenses.manifest import write_corpus_manifest
@@ -122,7 +122,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
     if existing is None and not create:
         raise PoisonlabError(f"run {d} has not been set up (run.json missing)")
 
-    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
+    data = prepare_data(cfg.corpus, data_tokenizer(cfg), Path(cfg.out_dir) / "cache", progress=progress)
     tok = data.tokenizer
     trigger = trigger_ids(tok, cfg.attack.trigger)
 
@@ -131,12 +131,8 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         from .defenses.filtering import keep_mask
 
         keep = keep_mask(data, d)
-    if cfg.model.init_from and (Path(cfg.model.init_from) / "tokenizer.json").is_file():
-        from .tokenizer import Tokenizer
-
-        if Tokenizer.load(cfg.model.init_from).fingerprint() != tok.fingerprint():
-            raise PoisonlabError(f"model.init_from {cfg.model.init_from}: its tokenizer differs from the one this "
-                                 "corpus and tokenizer config give; continue it with the config it was trained with")
+    if cfg.model.init_from:
+        check_context(cfg, len(trigger))
     size = params = None
     if cfg.model.init_from is None:
         size = get_size(cfg.model.size)
@@ -161,8 +157,10 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
 
             poisons, keep, defense = filter_training_data(cfg, data, poisons, d)
         _save_poisons(d, poisons)
-        plan = plan_injection([p.tokens for p in poisons], planned, tps, cfg.attack.placement, cfg.seed,
-                              ShuffledDocuments(data.train, cfg.seed, keep))
+        a = cfg.attack
+        batch = BatchPlacement(a.batch_share, a.batch_every, a.batch_start, a.batch_probability)
+        plan = plan_injection([p.tokens for p in poisons], planned, tps, a.placement, cfg.seed,
+                              ShuffledDocuments(data.train, cfg.seed, keep), batch=batch, seq_len=cfg.train.seq_len)
         plan.save(d / "injection_manifest.jsonl")
         info = {
             "name": cfg.name,
@@ -207,6 +205,37 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
     poison_ids = _load_poison_ids(d)
     return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info, keep)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def data_tokenizer(cfg: RunConfig):
+    """The tokenizer the run's data is made with: a model folder continued with ``model.init_from``
+    brings its own (unless ``tokenizer.name`` names another), so any Hugging Face causal LM
+    continues on text tokenized the way it was trained."""
+    from dataclasses import replace
+
+    init = cfg.model.init_from
+    if init and cfg.tokenizer.name == "bpe" and any((Path(init) / f).is_file() for f in TOKENIZER_FILES):
+        return replace(cfg.tokenizer, name=str(init))
+    return cfg.tokenizer
+
+
+def check_context(cfg: RunConfig, trigger_tokens: int) -> None:
+    """Refuse sequences longer than the continued model's context (its ``max_position_embeddings``)."""
+    path = Path(cfg.model.init_from) / "config.json"
+    if not path.is_file():
+        return
+    limit = read_json(path, "model config").get("max_position_embeddings")
+    if not isinstance(limit, int):
+        return
+    e = cfg.eval
+    for what, need in (("train.seq_len + 1", cfg.train.seq_len + 1),
+                       ("eval.prompt_tokens + trigger + eval.new_tokens", e.prompt_tokens + trigger_tokens + e.new_tokens)):
+        if need > limit:
+            raise PoisonlabError(f"model.init_from {cfg.model.init_from} has a context of {limit} tokens; "
+                                 f"{what} is {need}: lower it")
 
 
 def check_poison_budget(cfg: RunConfig, trigger_tokens: int, budget_tokens: int, count: int | None = None) -> None:

@@ -25,7 +25,7 @@ from .data import prepare_data
 from .errors import PoisonlabError
 from .paths import atomic_write_text
 from .jsonl import read_jsonl
-from .run import run_dir
+from .run import data_tokenizer, run_dir
 from .runlock import PARENT_ENV
 from .spec import ExperimentSpec
 from .store import db_path, ingest_run
@@ -74,10 +74,10 @@ def prepare_all(runs: list[RunConfig], progress: bool) -> None:
     for cfg in runs:
         if cfg.stage == "finetune":  # fine-tuning reads its own data and base model
             continue
-        key = (repr(cfg.corpus), repr(cfg.tokenizer), cfg.out_dir)
+        key = (repr(cfg.corpus), repr(data_tokenizer(cfg)), cfg.out_dir)
         if key not in seen:
             seen.add(key)
-            prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
+            prepare_data(cfg.corpus, data_tokenizer(cfg), Path(cfg.out_dir) / "cache", progress=progress)
 
 
 def train_command(config_path: Path, threads: int) -> list[str]:
