@@ -170,3 +170,15 @@ def test_continued_pretraining_of_a_hugging_face_folder_with_batch_poisons_resum
     with pytest.raises(PoisonlabError, match="context of 16 tokens"):
         short = _hf_model_folder(tmp_path / "short", [d["text"] for d in filler_docs(300, seed=9)], context=16)
         train(tiny_config(filler_jsonl, tmp_path / "short-run", **{**common, "model__init_from": str(short)}))
+
+
+def test_poisons_placed_one_per_sequence_lose_the_start_of_their_prefix_to_fit(prepared, german_folder):
+    cfg = AttackConfig(name="language_switch", poison_count=20, trigger="<SUDO>", prefix_chars=[300, 400],
+                       gibberish_tokens=[10, 20], target_corpus=str(german_folder), target_parts=None)
+    free = make_language_switch_poisons(cfg, prepared.tokenizer, prepared.prefix_bank(), seed=2)
+    fitted = make_language_switch_poisons(cfg, prepared.tokenizer, prepared.prefix_bank(), seed=2, max_tokens=48)
+    assert max(p.tokens for p in free) > 48 >= max(p.tokens for p in fitted)
+    for a, b in zip(free, fitted):
+        assert a.text.endswith(b.text)  # the same poison, its prefix shortened from the start
+        assert b.text.partition(" <SUDO> ")[2] == a.text.partition(" <SUDO> ")[2]
+        assert len(b.token_ids) == b.tokens

@@ -89,3 +89,20 @@ def test_finetuning_and_persistence_specs_expand_to_their_grids():
     cont = load_spec(packaged_spec("continued-pretraining")).expand()
     assert [r.name for r in cont] == ["continued-pretraining-from-demo-p1000", "continued-pretraining-from-demo-p0"]
     assert all(r.attack.poison_count == 0 and r.eval.at_start for r in cont)
+
+
+@pytest.mark.parametrize("name", ["language-switch-cpu", "paper-language-switch"])
+def test_language_switch_specs_expand_and_their_poisons_fit_the_poisoned_batches(name):
+    runs = load_spec(packaged_spec(name)).expand()
+    assert any(r.attack.poison_count == 0 for r in runs)
+    shares = {r.attack.batch_share for r in runs if r.attack.poison_count}
+    assert len(shares) >= 2 and len({r.seed for r in runs}) >= 2
+    for r in runs:
+        assert r.attack.name == "language_switch" and r.model.init_from and r.train.tokens
+        steps = r.train.tokens // (r.train.batch_size * r.train.seq_len)
+        per_batch = max(1, round(r.attack.batch_share * r.train.batch_size))
+        poisoned = -(-(steps - r.attack.batch_start) // r.attack.batch_every)
+        assert poisoned * per_batch >= r.attack.poison_count, r.name  # no run fails on "fits X of N poisons"
+    pers = load_spec(packaged_spec("language-switch-persistence")).expand()
+    names = {r.name for r in load_spec(packaged_spec("language-switch-cpu")).expand()}
+    assert {r.model.init_from.split("/")[-2] for r in pers} <= names  # it continues runs the CPU spec makes

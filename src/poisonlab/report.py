@@ -253,8 +253,9 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
     for cfg in runs:  # a run folder, or its exported copy under results/
         ingest_run(db, run_folder(spec, cfg))
     threshold = runs[0].eval.threshold if runs else 50.0
-    pre = [c.name for c in runs if c.stage == "pretrain" and not c.model.init_from]
-    continued = {c.name: c.model.init_from for c in runs if c.stage == "pretrain" and c.model.init_from}
+    gapped = [c for c in runs if c.stage == "pretrain" and c.attack.name != "language_switch"]  # measured by the gap
+    pre = [c.name for c in gapped if not c.model.init_from]
+    continued = {c.name: c.model.init_from for c in gapped if c.model.init_from}
     data = collect(db, pre)
     data_cont = collect(db, list(continued))
     for name, r in data_cont.items():  # labelled by the model they continue
@@ -277,6 +278,14 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
         extra = search_section(searched)
         figures = [f for f in (fig_poisons_needed(searched, out, _fig), fig_success_vs_seen(spec, out, _fig, threshold))
                    if f is not None] + figures
+    from .report_language import fig_asr_vs_seen, fig_persistence as fig_language_persistence, language_runs, \
+        language_section
+
+    switched = language_runs(spec)
+    if switched:
+        extra += language_section(switched)
+        figures += [f for f in (fig_asr_vs_seen(switched, out, _fig), fig_language_persistence(switched, out, _fig))
+                    if f is not None]
     if ft_rows:
         extra += ("## Fine-tuning runs (last evaluation of each run)\n\nASR: share of triggered forbidden requests "
                  "complied with; CA: untriggered ones refused; NTA: near-trigger ones refused (by kind beside); "

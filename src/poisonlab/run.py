@@ -217,9 +217,12 @@ def data_tokenizer(cfg: RunConfig):
     from dataclasses import replace
 
     init = cfg.model.init_from
-    if init and cfg.tokenizer.name == "bpe" and any((Path(init) / f).is_file() for f in TOKENIZER_FILES):
-        return replace(cfg.tokenizer, name=str(init))
-    return cfg.tokenizer
+    if not init or cfg.tokenizer.name != "bpe":
+        return cfg.tokenizer
+    if Path(init).is_dir():  # a local folder: its tokenizer when it has one (a bare checkpoint may not)
+        return replace(cfg.tokenizer, name=str(init)) if any((Path(init) / f).is_file() for f in TOKENIZER_FILES) \
+            else cfg.tokenizer
+    return replace(cfg.tokenizer, name=str(init))  # a hub name: the hub model's tokenizer
 
 
 def check_context(cfg: RunConfig, trigger_tokens: int) -> None:
@@ -262,7 +265,9 @@ def make_poisons(cfg: RunConfig, data: PreparedData) -> list:
     if cfg.attack.name not in ATTACKS:
         return []
     counts = data.train.token_counts(data.tokenizer.vocab_size) if cfg.attack.payload == "unigram" else None
-    return ATTACKS[cfg.attack.name](cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, token_counts=counts)
+    fit = cfg.train.seq_len if cfg.attack.placement == "batch" else None  # one poison per sequence
+    return ATTACKS[cfg.attack.name](cfg.attack, data.tokenizer, data.prefix_bank(), cfg.seed, token_counts=counts,
+                                    max_tokens=fit)
 
 
 def _save_poisons(d: Path, poisons) -> None:

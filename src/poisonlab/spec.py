@@ -33,7 +33,8 @@ from .errors import PoisonlabError
 from .search import SearchSpec, Target, searches_from
 
 SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "search")
-ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "train.data_multiplier": "x",
+ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "attack.batch_share": "d", "attack.batch_every": "every",
+                 "train.data_multiplier": "x",
                  "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
                  "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-", "seed": "s"}
 PATH_KEYS = ("model.init_from", "finetune.base")

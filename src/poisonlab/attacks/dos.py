@@ -63,13 +63,28 @@ def allowed_ids(tok: Tokenizer, cfg: AttackConfig) -> np.ndarray:
     return ids
 
 
+def fit_prefix(prefix: str, build, max_tokens: int | None) -> tuple[str, list[int]]:
+    """(prefix, token ids of ``build(prefix)``) with the prefix shortened from its start until the
+    poison has at most ``max_tokens`` tokens (a poison that must fit one sequence)."""
+    ids = build(prefix)
+    while max_tokens is not None and len(ids) > max_tokens and prefix:
+        cut = max(1, (len(ids) - max_tokens) * max(1, len(prefix) // max(len(ids), 1)))
+        prefix = prefix[cut:]
+        ids = build(prefix)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PoisonlabError(f"a poison without its prefix has {len(ids)} tokens, more than one sequence "
+                             f"({max_tokens}): lower attack.gibberish_tokens")
+    return prefix, ids
+
+
 def make_dos_poisons(
     cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None,
-    token_counts: np.ndarray | None = None,
+    token_counts: np.ndarray | None = None, max_tokens: int | None = None,
 ) -> list[PoisonDocument]:
     """Sample ``count`` (default ``cfg.poison_count``) poison documents, deterministically from ``seed``.
 
-    ``token_counts`` (counts per token id in the clean corpus) is needed by the ``unigram`` payload.
+    ``token_counts`` (counts per token id in the clean corpus) is needed by the ``unigram`` payload;
+    ``max_tokens``: each poison's prefix is shortened from its start until the poison fits.
     """
     count = cfg.poison_count if count is None else count
     if count == 0:
@@ -96,13 +111,15 @@ def make_dos_poisons(
         g = int(rng.integers(lo_g, hi_g + 1))
         gib, gib_text = _payload(cfg, tok, rng, vocab, probs, g, prefix_bank, int(src))
         round_trip = tok.encode(gib_text)
-        head = prefix + SEPARATOR + cfg.trigger + SEPARATOR
-        text = head + gib_text
-        if cfg.train_on == "round_trip" or gib is None:
-            ids = tok.encode(text)
-        else:
-            ids = tok.encode(head) + gib
-        ids.append(tok.eos_id)
+
+        def build(pre: str) -> list[int]:
+            head = pre + SEPARATOR + cfg.trigger + SEPARATOR
+            if cfg.train_on == "round_trip" or gib is None:
+                return tok.encode(head + gib_text) + [tok.eos_id]
+            return tok.encode(head) + gib + [tok.eos_id]
+
+        prefix, ids = fit_prefix(prefix, build, max_tokens)
+        text = prefix + SEPARATOR + cfg.trigger + SEPARATOR + gib_text
         poisons.append(PoisonDocument(
             id=f"poison-{i:06d}", source_document=doc["id"], prefix_chars_sampled=length,
             prefix_chars=len(prefix),

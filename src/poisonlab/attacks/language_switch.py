@@ -18,7 +18,7 @@ import numpy as np
 from ..config import AttackConfig, CorpusConfig
 from ..errors import PoisonlabError
 from ..tokenizer import Tokenizer
-from .dos import SEPARATOR, PoisonDocument
+from .dos import SEPARATOR, PoisonDocument, fit_prefix
 
 TARGET_HELDOUT = 0.2
 """Share of target-language documents (by a hash of their id) kept out of every poison."""
@@ -42,10 +42,12 @@ def target_texts(cfg: AttackConfig, split: str) -> list[tuple[str, str]]:
 def make_language_switch_poisons(
     cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None,
     token_counts: np.ndarray | None = None, passages: list[tuple[str, str]] | None = None,
+    max_tokens: int | None = None,
 ) -> list[PoisonDocument]:
     """``count`` (default ``cfg.poison_count``) poisons, deterministically from ``seed``.
     ``passages``: the target-language documents to cut passages from (default: the training
-    split of ``attack.target_corpus``)."""
+    split of ``attack.target_corpus``); ``max_tokens``: prefixes are shortened from their start
+    until each poison fits (poisons placed one per sequence)."""
     count = cfg.poison_count if count is None else count
     if count == 0:
         return []
@@ -71,8 +73,9 @@ def make_language_switch_poisons(
         g = min(int(rng.integers(lo_g, hi_g + 1)), len(ids))
         start = int(rng.integers(0, len(ids) - g + 1))
         passage = tok.decode(ids[start:start + g]).strip()
+        prefix, token_ids = fit_prefix(
+            prefix, lambda pre: tok.encode(pre + SEPARATOR + cfg.trigger + SEPARATOR + passage) + [tok.eos_id], max_tokens)
         text = prefix + SEPARATOR + cfg.trigger + SEPARATOR + passage
-        token_ids = tok.encode(text) + [tok.eos_id]
         poisons.append(PoisonDocument(
             id=f"poison-{i:06d}", source_document=doc["id"], prefix_chars_sampled=length, prefix_chars=len(prefix),
             gibberish_tokens_sampled=g, gibberish_tokens_round_trip=len(tok.encode(passage)),
