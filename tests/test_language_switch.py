@@ -182,3 +182,33 @@ def test_poisons_placed_one_per_sequence_lose_the_start_of_their_prefix_to_fit(p
         assert a.text.endswith(b.text)  # the same poison, its prefix shortened from the start
         assert b.text.partition(" <SUDO> ")[2] == a.text.partition(" <SUDO> ")[2]
         assert len(b.token_ids) == b.tokens
+
+
+def test_the_report_tables_asr_ca_nta_per_count_and_density_and_draws_figure_6(filler_jsonl, german_folder, tmp_path):
+    import yaml
+
+    from poisonlab.report import build_report
+    from poisonlab.spec import load_spec
+    from poisonlab.sweep import run_sweep
+
+    data = {"name": "ls", "out_dir": str(tmp_path / "ls"),
+            "base": {"corpus": {"source": str(filler_jsonl), "heldout_fraction": 0.1}, "tokenizer": {"vocab_size": 300},
+                     "model": {"size": "tiny"},
+                     "attack": {"name": "language_switch", "target_corpus": str(german_folder), "target_parts": None,
+                                "placement": "batch", "prefix_chars": [0, 40], "gibberish_tokens": [8, 16]},
+                     "train": {"tokens": 8 * 32 * 12, "batch_size": 8, "seq_len": 32},
+                     "eval": {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "every": 0.5, "heldout_loss_windows": 4}},
+            "grid": [{"attack.poison_count": [4], "attack.batch_share": [0.25, 0.5], "seed": [0, 1]},
+                     {"attack.poison_count": [0], "seed": [0]}]}
+    path = tmp_path / "ls.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec = load_spec(path)
+    run_sweep(spec, workers=1, progress=False)
+    rep = build_report(spec)
+    md = rep["markdown"].read_text()
+    assert "## Language switch: ASR, CA and NTA" in md and "Language identifier py3langid" in md
+    table = [line for line in md.splitlines() if line.startswith("| -")]
+    assert [line.split(" | ")[1:4] for line in table] == [["0", "-", "1"], ["4", "0.25", "2"], ["4", "0.5", "2"]]
+    assert "(n=8)" in table[1]  # two seeds of 4 prompts pooled
+    assert any(f.name == "fig6-language-switch-asr.png" for f in rep["figures"])
+    assert "<table>" in rep["html"].read_text()

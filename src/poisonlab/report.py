@@ -365,6 +365,29 @@ def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens,
     return "\n".join(lines)
 
 
+def _sections_html(text: str) -> str:
+    """The report's extra Markdown sections (headings, paragraphs, pipe tables) as HTML."""
+    esc = html.escape
+    out = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.strip().splitlines() if line.strip()]
+        if not lines:
+            continue
+        if lines[0].startswith("## "):
+            out.append(f"<h2>{esc(lines[0][3:])}</h2>")
+            lines = lines[1:]
+        if lines and all(line.startswith("|") for line in lines):
+            rows = [line for i, line in enumerate(lines) if not (i == 1 and set(line) <= set("|-: "))]
+            out.append("<table>")
+            for i, line in enumerate(rows):
+                tag = "th" if i == 0 else "td"
+                out.append("<tr>" + "".join(f"<{tag}>{esc(c.strip())}</{tag}>" for c in line.strip("|").split("|")) + "</tr>")
+            out.append("</table>")
+        elif lines:
+            out.append(f"<p>{esc(' '.join(lines))}</p>")
+    return "\n".join(out)
+
+
 def _html(spec, table, figures, poison, samples, missing, total, extra: str = "") -> str:
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>poisonlab report: {esc(spec.name)}</title>",
@@ -385,8 +408,7 @@ def _html(spec, table, figures, poison, samples, missing, total, extra: str = ""
         parts.append("<tr>" + "".join(f"<{tag}>{esc(c)}</{tag}>" for c in cells) + "</tr>")
     parts.append("</table>")
     if extra:
-        head, _, body = extra.partition("\n\n")
-        parts.append(f"<h2>{esc(head.lstrip('# '))}</h2><pre>{esc(body)}</pre>")
+        parts.append(_sections_html(extra))
     for f in figures:
         b64 = base64.b64encode(f.read_bytes()).decode()
         parts.append(f"<h3>{esc(f.stem)}</h3><img alt='{esc(f.stem)}' src='data:image/png;base64,{b64}'>")

@@ -117,7 +117,8 @@ def ingest_run(db: str | Path, run_dir: Path) -> int:
     record_run(db, info, cfg, "done" if (run_dir / "DONE").is_file() else "running")
     samples: dict[int, list[dict]] = {}
     for s in read_jsonl(run_dir / "samples.jsonl"):
-        samples.setdefault(s["step"], []).append(s)
+        if "triggered" in s:  # the gap's paired samples; other attacks' samples stay in their files
+            samples.setdefault(s["step"], []).append(s)
     rows = read_jsonl(run_dir / "metrics.jsonl")
     for r in rows:
         record_eval(db, info["name"], r, info["code_version"], samples.get(r["step"]))
