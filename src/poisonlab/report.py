@@ -344,7 +344,7 @@ def _markdown(spec, table, figures, poison, samples, missing, total, new_tokens,
     if table:
         lines += ["## Final perplexity gap per size x poison count", "",
                   f"Gap = mean self-perplexity of {new_tokens}-token continuations with the trigger minus without; "
-                  "interval: paired bootstrap over prompts (averaged over seeds); held-out loss in nats/token.", "",
+                  "interval: paired bootstrap resampling held-out documents (averaged over seeds); held-out loss in nats/token.", "",
                   format_final_table(table), ""]
     if extra:
         lines += [extra]
