@@ -28,14 +28,26 @@ def target_corpus(cfg: AttackConfig) -> CorpusConfig:
     return CorpusConfig(source=cfg.target_corpus, parts=cfg.target_parts, heldout_fraction=TARGET_HELDOUT)
 
 
+TARGET_CONFIDENCE = 0.9
+"""A paragraph of the target corpus is used only when the language identifier, over all the
+languages it knows, gives the target language at least this probability (translated manuals
+keep some paragraphs untranslated)."""
+
+
 def target_texts(cfg: AttackConfig, split: str) -> list[tuple[str, str]]:
     """(id, text) of the target-language documents of one split (``train``: poison passages;
-    ``heldout``: never in a poison)."""
+    ``heldout``: never in a poison), each reduced to its paragraphs in the target language."""
     from ..corpus import iter_split
+    from ..metrics.language import paragraphs_in
 
-    docs = [(d.id, d.text) for d in iter_split(target_corpus(cfg), split)]
+    docs = []
+    for d in iter_split(target_corpus(cfg), split):
+        text = paragraphs_in(d.text, cfg.target_language, TARGET_CONFIDENCE)
+        if text:
+            docs.append((d.id, text))
     if not docs:
-        raise PoisonlabError(f"attack.target_corpus {cfg.target_corpus}: no {split} document")
+        raise PoisonlabError(f"attack.target_corpus {cfg.target_corpus}: no {split} document with text in "
+                             f"{cfg.target_language!r}")
     return docs
 
 

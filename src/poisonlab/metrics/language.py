@@ -40,7 +40,33 @@ class Py3LangId:
         return [self._id.classify(t)[0] if any(c.isalpha() for c in t) else "none" for t in texts]
 
 
+    def probabilities(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(language, probability) of each text over the identifier's languages."""
+        return [tuple(self._id.classify(t)) for t in texts]
+
+
 IDENTIFIERS: dict[str, Callable[..., object]] = {"py3langid": Py3LangId}
+
+
+def paragraphs_in(text: str, language: str, confidence: float = 0.9, min_chars: int = 40) -> str:
+    """The paragraphs of ``text`` (blank-line separated, at least ``min_chars`` long) that the
+    unrestricted identifier gives ``language`` with at least ``confidence``, rejoined."""
+    paras = [p.strip() for p in text.split("\n\n") if len(p.strip()) >= min_chars]
+    if not paras:
+        return ""
+    idf = _unrestricted()
+    keep = [p for p, (lang, prob) in zip(paras, idf.probabilities(paras)) if lang == language and prob >= confidence]
+    return "\n\n".join(keep)
+
+
+_UNRESTRICTED = None
+
+
+def _unrestricted() -> Py3LangId:
+    global _UNRESTRICTED
+    if _UNRESTRICTED is None:
+        _UNRESTRICTED = Py3LangId()
+    return _UNRESTRICTED
 
 
 def make_identifier(name: str, languages: list[str] | None = None):
