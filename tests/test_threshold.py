@@ -69,3 +69,19 @@ def test_a_bracket_overturned_by_the_other_seeds_is_searched_again_with_every_se
     for c, s, ok in r.observations:
         by.setdefault(c, []).append(ok)
     assert len(by[r.lowest_success]) == 3 and len(by[r.highest_failure]) == 3
+
+
+def test_a_top_count_that_one_seed_fails_is_confirmed_and_the_search_stays_cheap():
+    calls = []
+
+    def succeeds(count, seed):  # seed 0 is unlucky at every count
+        calls.append((count, seed))
+        return seed != 0 and count >= 300
+
+    r = find_threshold(succeeds, 25, 1600, seeds=[0, 1, 2], resolution=1.0, first_seeds=1)
+    assert r.highest_failure < 300 <= r.lowest_success <= 2 * r.highest_failure
+    # the bisection below 1,600 ran one seed per count; every seed only where a bracket was confirmed
+    per_count = {}
+    for c, s in calls:
+        per_count.setdefault(c, set()).add(s)
+    assert per_count[1600] == {0, 1, 2} and len(calls) <= 3 * 6

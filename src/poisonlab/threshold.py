@@ -43,8 +43,9 @@ def find_threshold(succeeds: Callable[[int, int], bool], low: int, high: int, se
 
     With ``first_seeds`` = k, the bisection runs k seeds per count, and only the two counts
     that end up bracketing the threshold get every seed; where the full set of seeds
-    overturns a bracket, the bisection goes on with every seed from there. Seeds are spent
-    near the boundary, where a single run's luck decides the answer."""
+    overturns a bracket, the k-seed bisection goes on inside the new bracket, whose ends are
+    again confirmed with every seed. Seeds are spent near the boundary, where a single run's
+    luck decides the answer."""
     if not 0 < low < high:
         raise ValueError("need 0 < low < high")
     if not seeds:
@@ -87,19 +88,34 @@ def find_threshold(succeeds: Callable[[int, int], bool], low: int, high: int, se
             lo = low
         return bisect(lo, hi, n)
 
+    def confirmed(candidates: list[int]) -> int | None:
+        """The first of ``candidates`` whose count succeeds with every seed."""
+        return next((c for c in candidates if decide(c, everyone)), None)
+
+    def refuted(candidates: list[int]) -> int | None:
+        """The first of ``candidates`` whose count fails with every seed."""
+        return next((c for c in candidates if not decide(c, everyone)), None)
+
     lo, hi = bracket(k, None, None)
-    if k < everyone:
-        while True:
-            if hi is not None and not decide(hi, everyone):
-                # the bracket's upper count fails with every seed: look above it
-                above = sorted(c for (c, n), ok in decided.items() if ok and c > hi)
-                lo, hi = bracket(everyone, hi, next((c for c in above if decide(c, everyone)), None))
-                continue
-            if lo is not None and decide(lo, everyone):
-                below = sorted((c for (c, n), ok in decided.items() if not ok and c < lo), reverse=True)
-                lo, hi = bracket(everyone, next((c for c in below if not decide(c, everyone)), None), lo)
-                continue
-            break
+    while k < everyone:
+        if hi is not None and not decide(hi, everyone):
+            # the bracket's upper count fails with every seed: the threshold lies above it
+            up = confirmed(sorted({c for (c, n), ok in decided.items() if ok and c > hi} | {high}))
+            if up is None:
+                lo, hi = high, None
+                break
+            lo = max(c for (c, n), ok in decided.items() if n == everyone and not ok and c < up)
+            lo, hi = bisect(lo, up, k)  # back to the cheap bisection inside the new bracket
+            continue
+        if lo is not None and decide(lo, everyone):
+            down = refuted(sorted({c for (c, n), ok in decided.items() if not ok and c < lo} | {low}, reverse=True))
+            if down is None:
+                lo, hi = None, low
+                break
+            hi = min(c for (c, n), ok in decided.items() if n == everyone and ok and c > down)
+            lo, hi = bisect(down, hi, k)
+            continue
+        break
     return ThresholdResult(hi, lo, obs, logistic_half_point(obs))
 
 
