@@ -88,32 +88,32 @@ def find_threshold(succeeds: Callable[[int, int], bool], low: int, high: int, se
             lo = low
         return bisect(lo, hi, n)
 
-    def confirmed(candidates: list[int]) -> int | None:
-        """The first of ``candidates`` whose count succeeds with every seed."""
-        return next((c for c in candidates if decide(c, everyone)), None)
+    def known(c: int) -> bool:
+        """A count's decision: with every seed where that was asked, else with k."""
+        return decided[c, everyone] if (c, everyone) in decided else decided[c, k]
 
-    def refuted(candidates: list[int]) -> int | None:
-        """The first of ``candidates`` whose count fails with every seed."""
-        return next((c for c in candidates if not decide(c, everyone)), None)
+    def seen(pred) -> list[int]:
+        return sorted({c for (c, _) in decided if pred(c)})
 
     lo, hi = bracket(k, None, None)
     while k < everyone:
         if hi is not None and not decide(hi, everyone):
-            # the bracket's upper count fails with every seed: the threshold lies above it
-            up = confirmed(sorted({c for (c, n), ok in decided.items() if ok and c > hi} | {high}))
-            if up is None:
+            # the upper end fails with every seed: bisect (k seeds) up to the next known success
+            ups = seen(lambda c: c > hi and known(c))
+            if not ups:
                 lo, hi = high, None
                 break
-            lo = max(c for (c, n), ok in decided.items() if n == everyone and not ok and c < up)
-            lo, hi = bisect(lo, up, k)  # back to the cheap bisection inside the new bracket
+            lo, hi = bisect(hi, ups[0], k)
             continue
         if lo is not None and decide(lo, everyone):
-            down = refuted(sorted({c for (c, n), ok in decided.items() if not ok and c < lo} | {low}, reverse=True))
-            if down is None:
+            # the lower end succeeds with every seed: bisect down to the next known failure
+            downs = seen(lambda c: c < lo and not known(c))
+            if not downs and (low, k) not in decided and not decide(low, k):
+                downs = [low]
+            if not downs:
                 lo, hi = None, low
-                break
-            hi = min(c for (c, n), ok in decided.items() if n == everyone and ok and c > down)
-            lo, hi = bisect(down, hi, k)
+                continue  # low itself is confirmed (or overturned) on the next pass
+            lo, hi = bisect(downs[-1], lo, k)
             continue
         break
     return ThresholdResult(hi, lo, obs, logistic_half_point(obs))
