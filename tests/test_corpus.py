@@ -152,3 +152,22 @@ def test_duplicate_ids_are_found_across_many_documents(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(PoisonlabError, match="duplicate document id 'd17'"):
         list(iter_documents(CorpusConfig(source=str(path))))
+
+
+def test_a_corpus_edited_in_place_is_prepared_again(tmp_path):
+    from poisonlab.config import TokenizerConfig
+    from poisonlab.data import cache_key, prepare_data
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"d{i}.txt").write_text(f"document {i} about the weather and the sea " * 5)
+    cfg, tok = CorpusConfig(source=str(folder), heldout_fraction=0.1), TokenizerConfig(vocab_size=300)
+    first = prepare_data(cfg, tok, tmp_path / "cache")
+    assert cache_key(cfg, tok) == cache_key(cfg, tok)
+    (folder / "d3.txt").write_text("an entirely different text about mountains and rivers " * 5)
+    second = prepare_data(cfg, tok, tmp_path / "cache")
+    assert second.directory != first.directory
+    assert second.info["corpus_manifest_sha256"] != first.info["corpus_manifest_sha256"]
+    (folder / "notes.bin").write_bytes(b"\x00\x01")  # files the reader ignores do not count
+    assert prepare_data(cfg, tok, tmp_path / "cache").directory == second.directory

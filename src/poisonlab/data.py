@@ -69,10 +69,34 @@ def cache_key(corpus: CorpusConfig, tok: TokenizerConfig) -> str:
     packages = source_packages(corpus)
     if packages:  # a newer package version is other text under the same name
         d["packages"] = {p["package"]: p["sha256"] for p in packages}
+    files = source_content(corpus)
+    if files is not None:  # a file edited in place is another corpus: never reuse its old tokenizer
+        d["content"] = files
     if tok.name != "bpe":
         d["tokenizer"].pop("vocab_size")
         d["tokenizer"].pop("train_chars")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def source_content(corpus: CorpusConfig) -> str | None:
+    """SHA-256 over the paths and contents of a local source's files (None for the default
+    corpus, Debian packages and hub datasets, which are keyed by version)."""
+    from .corpus import TEXT_SUFFIXES
+    from .provenance import file_sha256
+
+    src = corpus.source
+    if src == "python-stdlib" or src.startswith(("debian:", "hf:")):
+        return None
+    root = Path(src)
+    if not root.exists():
+        return None  # reading it will say so
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+        and (p.suffix.lower() in TEXT_SUFFIXES or p.suffix in (".jsonl", ".parquet", ".gz", ".arrow", ".json")))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root) if f != root else f.name}\t{file_sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 def source_packages(corpus: CorpusConfig) -> list[dict]:
