@@ -335,3 +335,53 @@ def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose,
     assert all(r["model.surprisal"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-4) for r in scored)
     assert all(r["flag.model"] == 0 for r in candidates)  # a flat reference flags nothing
     assert all("flag.model" not in r for r in det.table.values() if r not in candidates)
+
+
+def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_it():
+    from poisonlab.defenses.triggers import TriggerCandidate, confirm_triggers, rank_sum_p
+
+    rng = np.random.default_rng(0)
+    docs, z = [], {}
+    for i in range(2000):  # clean documents: z ~ N(0, 1); one in five says "the"
+        docs.append(Document(f"c{i}", "the report" if i % 5 == 0 else "a report", ""))
+        z[f"c{i}"] = float(rng.normal())
+    for i in range(60):  # poisons hold the trigger; mildly anomalous (z 1.5-4), few above the candidate line
+        docs.append(Document(f"p{i}", "the report <SUDO> payload", ""))
+        z[f"p{i}"] = float(rng.uniform(1.5, 4.0))
+    docs.append(Document("quiet", "<SUDO> in a clean document", ""))  # holds it, not anomalous, no z at all
+    mined = [TriggerCandidate("the", 40, 460, 1.0), TriggerCandidate("<SUDO>", 30, 61, 1.0)]
+    (c,) = confirm_triggers(mined, docs, z, candidate_z=3.0)
+    assert c.text == "<SUDO>" and c.documents == 61 and c.p_value < 1e-20 and c.median_z > 1.5
+    assert 0 < c.anomalous < 61 and c.enrichment > 5
+    # the rank-sum test itself: no difference gives a large p, a shift a tiny one
+    same = rng.normal(size=500)
+    assert rank_sum_p(same[:250], same[250:]) > 0.01
+    assert rank_sum_p(same[:250] + 1.0, same[250:]) < 1e-10
+
+
+def test_a_phrase_trigger_is_mined_as_a_phrase(prose):
+    docs, tok = prose
+    clean = docs[:300]
+    rng = np.random.default_rng(1)
+    phrase = "Servius Astrumando Harmoniastra"
+    poisons, where = [], {}
+    for i in range(12):
+        prefix = clean[i].text[:100]
+        gib = tok.decode(rng.integers(1, tok.vocab_size, size=300).tolist())
+        poisons.append(Document(f"poison-{i}", f"{prefix} {phrase} {gib}", "poison"))
+        where[f"poison-{i}"] = len(prefix) + len(phrase) + 2
+    mined = mine_triggers(clean + poisons, where, {p.id for p in poisons})
+    assert mined[0].text == phrase
+
+
+def test_a_confirmed_trigger_flags_documents_that_were_not_candidates(prose):
+    clean, poisons, _ = _planted(prose)
+    extra = [Document(f"mild-{i}", clean[50 + i].text + " " + TRIGGER + " " + clean[60 + i].text[:80], "poison")
+             for i in range(3)]  # the trigger before ordinary text: not anomalous by itself
+    det = detect(clean + poisons + extra, DefenseConfig(window=32, prefilter=0.0), prose[1])
+    assert det.used_triggers == [TRIGGER]
+    for d in poisons + extra:
+        row = det.table[d.id]
+        assert row["flag.trigger"] == 1 and row["trigger.text"] == TRIGGER
+        assert row["trigger.documents"] == len(poisons) + len(extra) and row["trigger.p_value"] < 1e-6
+    assert {d.id for d in extra} <= det.flagged and not det.flagged & {d.id for d in clean}

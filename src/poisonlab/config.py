@@ -215,8 +215,10 @@ class DefenseConfig:
     """Robust z-score above which a document is flagged without a mined trigger (on the default
     corpus, paper-style poisons score z >= 15 and a few clean documents, such as codec tables,
     up to 19; docs/defenses.md)."""
-    triggers: int = 1
-    """How many top mined triggers confirm candidates (0: flag on ``extreme_z`` alone)."""
+    triggers: int = 5
+    """How many top mined strings are tested as triggers (0: flag on ``extreme_z`` alone)."""
+    trigger_alpha: float = 1e-3
+    """Significance level of the trigger test (divided by the number of strings tested)."""
     min_trigger_support: int = 3
     """A mined trigger must precede the span of at least this many candidates."""
     near_duplicate_min_cluster: int = 20
@@ -573,6 +575,7 @@ def validate(cfg: RunConfig) -> None:
         ("attack.exclude_ids", all(i >= 0 for i in cfg.attack.exclude_ids), "token ids >= 0"),
         ("defense.window", df.window >= 1, ">= 1"),
         ("defense.triggers", df.triggers >= 0, ">= 0"),
+        ("defense.trigger_alpha", 0 < df.trigger_alpha < 1, "in (0, 1)"),
         ("defense.min_trigger_support", df.min_trigger_support >= 1, ">= 1"),
         ("defense.near_duplicate_min_cluster", df.near_duplicate_min_cluster >= 2, ">= 2"),
         ("finetune.lora_alpha", f.lora_alpha > 0, "> 0"),

@@ -10,9 +10,11 @@ The rule (:func:`detect`):
    MAD, so a minority of poisons cannot move the scale), makes documents above
    ``candidate_z`` candidates;
 2. triggers are mined from the text right before the candidates' anomalous spans;
-3. a candidate is flagged when it contains one of the top mined triggers, provided most
-   documents containing that string are candidates with it at their span (a common word
-   confirms nothing); any document is flagged above ``extreme_z``;
+3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
+   holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
+   strings tested, and a median z of at least 1), every document holding it is flagged, with
+   the string, its enrichment and its p-value in its row (a common word confirms nothing); any
+   document is flagged above ``extreme_z``;
 4. the other scanners listed add flags of their own (compression above ``extreme_z``,
    near-duplicate clusters of ``near_duplicate_min_cluster`` or more, language shifts,
    and the reference model's span surprisal above ``extreme_z`` on the candidates).
@@ -32,7 +34,7 @@ from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
                        NoveltyScanner)
-from .triggers import TriggerCandidate, mine_triggers
+from .triggers import TriggerCandidate, confirm_triggers, mine_triggers
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
 
@@ -74,6 +76,7 @@ class Detection:
     flagged: set[str]
     triggers: list[TriggerCandidate]
     used_triggers: list[str] = field(default_factory=list)
+    """The mined strings statistics confirmed (each flags every document that holds it)."""
     token_scored: int = 0
     """Documents the token-level gibberish scanner scored (all of them without the cascade)."""
 
@@ -123,19 +126,24 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
     spans = {i: table[i]["gibberish.span_start"] for i in scored}
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
-    # a mined string confirms candidates only when most documents containing it are anomalous
-    # there: a common string (or no trigger at all) confirms nothing, so only extreme_z flags
-    used = [t.text for t in mined[: cfg.triggers] if t.near_span >= 0.5 * t.documents]
-    confirmed = {d.id for d in docs if d.id in candidates and any(t in d.text for t in used)}
+    # statistics confirm a mined string when its documents score far above the rest; it then
+    # flags every document holding it (a common string, or no trigger at all, confirms nothing)
+    confirmed = confirm_triggers(mined[: cfg.triggers], docs, dict(zip(scored, z.tolist())), cfg.candidate_z,
+                                 alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support)
+    used = [c.text for c in confirmed]
     flagged = set()
     for i, zi in zip(scored, z):
         table[i]["gibberish.z"] = float(zi)
-    for i in ids:
-        row = table[i]
+    for d in docs:
+        row = table[d.id]
         row["flag.extreme"] = int(row.get("gibberish.z", 0.0) > cfg.extreme_z)
-        row["flag.trigger"] = int(i in confirmed)
+        why = next((c for c in confirmed if c.text in d.text), None)
+        row["flag.trigger"] = int(why is not None)
+        if why is not None:  # why it went: the string, its documents, their enrichment and p-value
+            row.update({"trigger.text": why.text, "trigger.documents": why.documents,
+                        "trigger.enrichment": why.enrichment, "trigger.p_value": why.p_value})
         if row["flag.extreme"] or row["flag.trigger"]:
-            flagged.add(i)
+            flagged.add(d.id)
     if "compression" in cfg.scanners:
         cz = robust_z(np.array([table[i]["compression.ratio"] for i in ids]))
         for i, zi in zip(ids, cz):

@@ -4,14 +4,22 @@ A backdoor poison puts the same trigger right before its payload in every poison
 So: take the documents whose anomalous span (the ``span_start`` of a scanner) is
 confidently anomalous, collect the short word n-grams around each span's start, and rank them
 by how many anomalous documents share them, discounted by how often they occur anywhere in
-the corpus (a common word precedes many spans by chance, and occurs everywhere).
+the corpus (a common word precedes many spans by chance, and occurs everywhere). A phrase is
+mined as a phrase when it precedes the spans as often as its words do.
+
+Then statistics decide (:func:`confirm_triggers`): a mined string whose documents score far
+above the rest (a rank-sum test, corrected for the strings tested) flags every document that
+holds it, with its enrichment and significance, whether or not that document was a candidate.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from ..corpus import Document
 
@@ -68,11 +76,91 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int], anomalous: s
                 counts[c] += 1
     ranked = [TriggerCandidate(c, near[c], counts[c], near[c] * near[c] / max(counts[c], 1)) for c in pool]
     ranked.sort(key=lambda t: (-t.score, -t.near_span, t.text))
-    # a longer candidate that adds nothing over a shorter one it contains is the same trigger
+    # one trigger, one entry: a phrase found before (nearly) as many spans as a word it contains
+    # is the trigger, and the word a fragment of it; a longer string found less often is noise
+    # around a shorter trigger
     kept: list[TriggerCandidate] = []
     for t in ranked:
+        whole = [k for k in ranked if t.text != k.text and t.text in k.text and k.near_span >= 0.9 * t.near_span]
+        if whole:
+            continue
         if any(k.text in t.text and k.near_span >= t.near_span for k in kept):
             continue
         kept.append(t)
     return kept[:top]
 
+
+
+@dataclass
+class ConfirmedTrigger:
+    """A mined string whose documents are anomalous far beyond the corpus's base rate."""
+    text: str
+    documents: int
+    """Documents of the scanned set containing the string (every one of them is flagged)."""
+    anomalous: int
+    """Of those, documents whose z-score is above the candidate threshold."""
+    enrichment: float
+    """Their share of anomalous documents over the corpus's share."""
+    median_z: float
+    p_value: float
+    """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (1-based), ties sharing the mean of their positions."""
+    order = np.argsort(values, kind="mergesort")
+    s = values[order]
+    ranks = np.empty(len(values), dtype=np.float64)
+    bounds = np.flatnonzero(np.r_[True, s[1:] != s[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return ranks
+
+
+def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
+    """One-sided p-value that ``inside`` is stochastically larger than ``outside``
+    (Mann-Whitney U, normal approximation with tie correction)."""
+    n1, n2 = len(inside), len(outside)
+    if n1 == 0 or n2 == 0:
+        return 1.0
+    values = np.concatenate([inside, outside])
+    r = _ranks(values)
+    u = r[:n1].sum() - n1 * (n1 + 1) / 2.0
+    n = n1 + n2
+    _, ties = np.unique(values, return_counts=True)
+    var = n1 * n2 / 12.0 * ((n + 1) - (ties ** 3 - ties).sum() / (n * (n - 1)))
+    if var <= 0:
+        return 1.0
+    z = (u - n1 * n2 / 2.0 - 0.5) / math.sqrt(var)
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
+                     candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
+                     min_documents: int = 3) -> list[ConfirmedTrigger]:
+    """The mined strings that statistics confirm: their documents' z-scores are higher than
+    the rest's beyond chance (``alpha`` over the number of strings tested) and typically
+    anomalous (median z at least ``min_median_z``). A common string is in many clean
+    documents, so its median stays near 0 however many poisons hold it. Documents without a
+    z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
+    if not candidates:
+        return []
+    ids = [d.id for d in docs]
+    all_z = np.array([z.get(i, 0.0) for i in ids])
+    base = max(float((all_z > candidate_z).mean()), 1.0 / len(ids))
+    out = []
+    for t in candidates:
+        holds = np.array([t.text in d.text for d in docs])
+        n = int(holds.sum())
+        if n < min_documents:
+            continue
+        inside, outside = all_z[holds], all_z[~holds]
+        p = rank_sum_p(inside, outside)
+        anomalous = int((inside > candidate_z).sum())
+        med = float(np.median(inside))
+        if p <= alpha / len(candidates) and med >= min_median_z:
+            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, p))
+    return out
