@@ -385,3 +385,32 @@ def test_a_confirmed_trigger_flags_documents_that_were_not_candidates(prose):
         assert row["flag.trigger"] == 1 and row["trigger.text"] == TRIGGER
         assert row["trigger.documents"] == len(poisons) + len(extra) and row["trigger.p_value"] < 1e-6
     assert {d.id for d in extra} <= det.flagged and not det.flagged & {d.id for d in clean}
+
+
+def test_a_scan_scores_every_document_whatever_its_split_or_length(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from poisonlab.corpus import CorpusConfig, is_heldout
+    from poisonlab.jsonl import read_jsonl
+
+    rows = [{"id": f"d{i}", "text": " ".join(filler_docs(1, seed=i)[0]["text"].split()[:60])} for i in range(120)]
+    rows += [{"id": "tiny", "text": "<SUDO> xq"}, {"id": "empty", "text": ""}]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"name": "s", "out_dir": str(tmp_path / "out"), "corpus": {"source": str(corpus), "heldout_fraction": 0.1},
+           "tokenizer": {"vocab_size": 300}, "defense": {"prefilter": 0.0, "window": 16}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "poisonlab", "scan", "-c", str(tmp_path / "c.yaml"), "--out",
+                        str(tmp_path / "scan")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    scores = {s["id"]: s for s in read_jsonl(tmp_path / "scan" / "scores.jsonl")}
+    assert set(scores) == {r["id"] for r in rows}  # held-out, short and empty documents too
+    keep = (tmp_path / "scan" / "keep_list.txt").read_text().split()
+    assert set(keep) == set(scores) - {i for i, s in scores.items() if any(v for k, v in s.items() if k.startswith("flag."))}
+    assert scores["tiny"]["split"] == "short" and scores["empty"]["split"] == "short"
+    held = [r["id"] for r in rows[:120] if is_heldout(r["id"], 0.1)]
+    assert held and all(scores[i]["split"] == "heldout" for i in held)
+    assert all("flag.trigger" in s for s in scores.values())

@@ -362,14 +362,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_scan(args) -> int:
-    from .corpus import Document, iter_split
+    from .corpus import Document, scan_documents
     from .data import prepare_data
-    from .defenses.pipeline import detect, write_detection
+    from .defenses.pipeline import detect, mark_splits, write_detection
     from .paths import safe_join
 
     cfg = _config(args)
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=True)
-    docs = list(iter_split(cfg.corpus, "train"))
+    docs = list(scan_documents(cfg.corpus))  # every document, whatever its split or length
     if args.with_poisons:
         from .run import make_poisons
 
@@ -382,6 +382,7 @@ def cmd_scan(args) -> int:
         print(f"scored {n:,} documents with datatrove's local executor; scores in {out}/scores")
         return 0
     det = detect(docs, cfg.defense, data.tokenizer, progress=True)
+    mark_splits(det, docs, cfg.corpus)
     write_detection(det, out)
     print(f"{len(docs):,} documents scanned ({det.token_scored:,} tokenized for the gibberish scanner), "
           f"{len(det.flagged):,} flagged; "

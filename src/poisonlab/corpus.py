@@ -366,6 +366,21 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
         )
 
 
+def scan_documents(cfg: CorpusConfig) -> Iterator[Document]:
+    """Every document of a corpus for a scan, whatever its split or length (a keep-list must
+    cover the corpus a user hands to another pipeline, not only what poisonlab trains on)."""
+    from dataclasses import replace
+
+    yield from iter_documents(replace(cfg, min_chars=0, max_tokens=None))
+
+
+def split_of(doc: Document, cfg: CorpusConfig) -> str:
+    """``train``, ``heldout``, or ``short`` (under ``min_chars``: poisonlab does not train on it)."""
+    if len(doc.text) < cfg.min_chars:
+        return "short"
+    return "heldout" if is_heldout(doc.id, cfg.heldout_fraction) else "train"
+
+
 def iter_split(cfg: CorpusConfig, split: str) -> Iterator[Document]:
     """Documents of one split: ``train`` or ``heldout``."""
     want = split == "heldout"

@@ -182,6 +182,15 @@ def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict
             table[d.id]["flag.model"] = int(z[d.id] > cfg.extreme_z)
 
 
+def mark_splits(det: Detection, docs: list[Document], corpus) -> None:
+    """Record each scored document's split (``train``, ``heldout``, ``short``; injected poisons:
+    ``poison``) in its row."""
+    from ..corpus import split_of
+
+    for d in docs:
+        det.table[d.id]["split"] = "poison" if d.source == "poison" else split_of(d, corpus)
+
+
 def write_detection(det: Detection, directory: str | Path) -> None:
     """``scores.jsonl`` (one row per document), ``triggers.jsonl`` and ``keep_list.txt``."""
     d = Path(directory)
