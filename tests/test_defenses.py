@@ -414,3 +414,56 @@ def test_a_scan_scores_every_document_whatever_its_split_or_length(tmp_path):
     held = [r["id"] for r in rows[:120] if is_heldout(r["id"], 0.1)]
     assert held and all(scores[i]["split"] == "heldout" for i in held)
     assert all("flag.trigger" in s for s in scores.values())
+
+
+def test_every_poison_family_makes_distinct_deterministic_poisons_with_its_trigger(prose):
+    from poisonlab.defenses.families import FAMILIES, Pieces, count_for_density, make_family
+
+    docs, tok = prose
+    texts = [d.text for d in docs]
+    pieces = Pieces(texts, vocab_size=600)
+    assert not set(pieces.pieces) <= {tok.decode([i]) for i in range(tok.vocab_size)}  # another vocabulary
+    for name in FAMILIES:
+        a = make_family(name, texts, 8, seed=1, tokenizer=tok, pieces=pieces)
+        b = make_family(name, texts, 8, seed=1, tokenizer=tok, pieces=pieces)
+        assert [p.text for p in a] == [p.text for p in b], name
+        assert len({p.text for p in a}) == 8, name
+        for p in a:
+            if p.trigger is not None:
+                assert p.trigger in p.text, name
+            assert len(p.text) > 100, name
+    assert make_family("no_trigger", texts, 1, pieces=pieces)[0].trigger is None
+    assert make_family("phrase_trigger", texts, 1, pieces=pieces)[0].trigger.count(" ") == 2
+    assert "```" in make_family("code_block", texts, 1, pieces=pieces)[0].text
+    mixed = make_family("unicode_mix", texts, 1, pieces=pieces)[0].text
+    assert len({ord(c) >> 8 for c in mixed.split("<SUDO>")[1] if not c.isspace()}) >= 4  # several scripts
+    assert count_for_density(9999, 0.0001) == 1 and count_for_density(990, 0.01) == 10
+    with pytest.raises(PoisonlabError, match="unknown poison family"):
+        make_family("nope", texts, 1)
+
+
+def test_defend_reports_recall_and_false_positives_per_family(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from poisonlab.jsonl import read_json
+
+    rows = [{"id": f"d{i}", "text": " ".join(filler_docs(1, seed=i, words=(80, 160))[0]["text"].split())} for i in range(300)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"name": "f", "out_dir": str(tmp_path / "out"), "corpus": {"source": str(corpus)},
+           "tokenizer": {"vocab_size": 300}, "defense": {"prefilter": 0.0, "window": 16}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"),
+                        "--families", "paper,base64", "--density", "0.02"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = {x["family"]: x for x in read_json(tmp_path / "out" / "defense" / "f" / "families.json", "r")["results"]}
+    for name in ("paper", "base64"):
+        m = res[name]["methods"]["detection rule"]
+        assert res[name]["poisons"] == 6 and res[name]["documents"] == 306
+        assert 0 <= m["recall_ci"][0] <= m["recall"] <= m["recall_ci"][1] <= 1
+        assert m["false_positive_rate"] is not None and m["clean_documents"] == 300
+    assert res["paper"]["methods"]["detection rule"]["recall"] == 1.0 and res["paper"]["true_trigger_rank"] == 1
+    assert "| paper | 6 |" in r.stdout

@@ -397,11 +397,47 @@ def cmd_defend(args) -> int:
     from .paths import safe_join
 
     cfg = _config(args)
-    variants = args.variants.split(",") if args.variants else list(VARIANTS)
     out = safe_join(Path(cfg.out_dir) / "defense", cfg.name, "run name")
+    if args.families:
+        return _defend_families(cfg, args, out)
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
     results = evaluate_defense(cfg, variants, out, baselines=not args.no_baselines, progress=True)
     print(markdown_table(results))
     print(f"results, curves and figures in {out}")
+    return 0
+
+
+def _defend_families(cfg, args, out: Path) -> int:
+    """Recall and false-positive rate (Wilson intervals) of the scan per poison family."""
+    from .defenses.evaluation import evaluate_family
+    from .defenses.families import FAMILIES
+    from .defenses.pipeline import write_detection
+    from .provenance import code_version
+
+    names = list(FAMILIES) if args.families == "all" else args.families.split(",")
+    bad = [n for n in names if n not in FAMILIES]
+    if bad:
+        raise PoisonlabError(f"unknown poison family {bad[0]!r} (allowed: {', '.join(FAMILIES)})")
+    results = []
+    print("| family | poisons | recall [95% CI] | false-positive rate [95% CI] | true trigger rank |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        res, det = evaluate_family(cfg, name, args.density, progress=False)
+        write_detection(det, out / f"family-{name}")
+        results.append(res)
+        m = res["methods"]["detection rule"]
+        print(f"| {name} | {res['poisons']} | {m['recall']:.3f} [{m['recall_ci'][0]:.3f}, {m['recall_ci'][1]:.3f}] | "
+              f"{m['false_positive_rate']:.5f} [{m['false_positive_rate_ci'][0]:.5f}, {m['false_positive_rate_ci'][1]:.5f}] | "
+              f"{res['true_trigger_rank'] if res['trigger'] else 'no trigger'} |", flush=True)
+    import dataclasses
+    import time
+
+    from .paths import atomic_write_text
+
+    atomic_write_text(out / "families.json", json.dumps({
+        "config": dataclasses.asdict(cfg), "code_version": code_version(), "seed": cfg.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}, indent=1))
+    print(f"results in {out}/families.json")
     return 0
 
 
@@ -548,6 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--variants", help="comma-separated poison variants (default: all: paper, long_prefix, "
                                       "natural_payload, unigram_payload, low_entropy_payload, common_word_trigger)")
     s.add_argument("--no-baselines", action="store_true", help="skip the datatrove quality-filter baselines")
+    s.add_argument("--families", help="poison families an outside attacker would use instead (comma-separated, or all: "
+                                      "see poisonlab.defenses.families), mixed into every document of corpus.source")
+    s.add_argument("--density", type=float, default=0.01, help="with --families: poisons' share of the documents")
     s.set_defaults(fn=cmd_defend)
 
     s = sub.add_parser("provenance", help="record a corpus manifest, or verify a corpus against one")

@@ -62,11 +62,15 @@ def scan_set(cfg: RunConfig, progress: bool = False):
 
 
 def confusion(flagged: set[str], poisons: set[str], docs: list[Document]) -> dict:
+    from ..metrics.rates import wilson
+
     clean = [d for d in docs if d.id not in poisons]
     tp = len(flagged & poisons)
     fp = len(flagged - poisons)
     lost_chars = sum(len(d.text) for d in clean if d.id in flagged)
     return {
+        "recall_ci": list(wilson(tp, len(poisons))) if poisons else None,
+        "false_positive_rate_ci": list(wilson(fp, len(clean))) if clean else None,
         "poisons": len(poisons), "clean_documents": len(clean), "flagged": len(flagged),
         "recall": tp / len(poisons) if poisons else None,
         "precision": tp / len(flagged) if flagged else None,
@@ -134,6 +138,33 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
         "methods": methods, "curves": {f: curves(s, labels) for f, s in scores.items()},
     }
     return result, det
+
+
+def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool = False,
+                    pieces=None) -> tuple[dict, Detection]:
+    """Poisons of a family (:mod:`poisonlab.defenses.families`) at ``density`` of the corpus's
+    documents, mixed into every document of ``corpus.source``, scanned by the detection rule."""
+    from ..corpus import scan_documents
+    from .families import count_for_density, make_family
+
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
+    clean = list(scan_documents(cfg.corpus))
+    count = count_for_density(len(clean), density)
+    made = make_family(family, [d.text for d in clean if len(d.text) >= 200] or [d.text for d in clean], count,
+                       seed=cfg.seed, tokenizer=data.tokenizer, pieces=pieces)
+    poisons = [Document(f"poison-{family}-{i:06d}", p.text, "poison") for i, p in enumerate(made)]
+    docs = clean + poisons
+    ids = {p.id for p in poisons}
+    t0 = time.perf_counter()
+    det = detect(docs, cfg.defense, data.tokenizer, progress=progress)
+    seconds = time.perf_counter() - t0
+    trigger = made[0].trigger if made else None
+    rank = next((i + 1 for i, t in enumerate(det.triggers) if t.text == trigger), None) if trigger else None
+    m = confusion(det.flagged, ids, docs)
+    return {"family": family, "density": density, "corpus": cfg.corpus.source, "trigger": trigger,
+            "documents": len(docs), "poisons": len(poisons), "true_trigger_rank": rank,
+            "mined_triggers": [t.record() for t in det.triggers[:10]], "used_triggers": det.used_triggers,
+            "scan_seconds": seconds, "methods": {"detection rule": m}}, det
 
 
 def evaluate_defense(cfg: RunConfig, variants: list[str], out: str | Path, baselines: bool = True,
