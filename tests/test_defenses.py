@@ -467,3 +467,21 @@ def test_defend_reports_recall_and_false_positives_per_family(tmp_path):
         assert m["false_positive_rate"] is not None and m["clean_documents"] == 300
     assert res["paper"]["methods"]["detection rule"]["recall"] == 1.0 and res["paper"]["true_trigger_rank"] == 1
     assert "| paper | 6 |" in r.stdout
+
+
+def test_script_scanner_flags_mixed_scripts_and_blobs_but_not_a_quotation(prose):
+    import base64
+
+    from poisonlab.defenses.families import make_family
+
+    docs, tok = prose
+    texts = [d.text for d in docs]
+    mixed = make_family("unicode_mix", texts, 3, seed=0)
+    blob = [Document("blob", texts[5][:300] + " <SUDO> " + base64.b64encode(bytes(range(256)) * 2).decode(), "poison")]
+    quote = Document("quote", texts[7] + " As Heraclitus wrote, πάντα ῥεῖ καὶ οὐδὲν μένει, all things flow.", "")
+    poisons = [Document(f"mix-{i}", p.text, "poison") for i, p in enumerate(mixed)] + blob
+    det = detect(docs[:200] + [quote] + poisons, DefenseConfig(window=32, prefilter=0.0, scanners=["gibberish", "script"]), tok)
+    for p in poisons[:3]:
+        assert det.table[p.id]["flag.script"] == 1 and det.table[p.id]["script.kinds"] >= 3
+    assert det.table["blob"]["flag.blob"] == 1
+    assert not any(det.table[d.id]["flag.script"] or det.table[d.id]["flag.blob"] for d in docs[:200] + [quote])

@@ -200,7 +200,8 @@ class DefenseConfig:
     """none | scan: drop the documents the scan flags before training."""
     scanners: list[str] = field(default_factory=lambda: ["gibberish"])
     """Flagging scanners: gibberish (always on with scan), compression, near_duplicate,
-    language_shift, model (needs ``reference_model``)."""
+    language_shift, script (mixed scripts and unbroken blobs, whatever the tokenizer), model
+    (needs ``reference_model``)."""
     window: int = 64
     """Tokens per span of the gibberish scanner."""
     prefilter: float = 0.3
@@ -347,7 +348,7 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- loading
 
-SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift", "model")
+SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift", "script", "model")
 
 _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],

@@ -33,10 +33,16 @@ from ..errors import PoisonlabError
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
-                       NoveltyScanner)
+                       NoveltyScanner, ScriptScanner)
 from .triggers import TriggerCandidate, confirm_triggers, mine_triggers
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
+SCRIPT_FOREIGN, SCRIPT_KINDS = 0.5, 3
+"""The script scanner flags a window whose letters are mostly outside the document's main
+script and come from at least three scripts (a quotation in one other script does not)."""
+BLOB_CHARS = 256
+"""... and a run of this many characters without a space (an encoded blob; the longest words
+of prose and the longest identifiers of code are far shorter)."""
 
 
 def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = False) -> dict[str, dict]:
@@ -93,6 +99,8 @@ def build_scanners(cfg: DefenseConfig, tokenizer: Tokenizer) -> list:
         scanners.append(NearDuplicateScanner())
     if "language_shift" in cfg.scanners:
         scanners.append(LanguageShiftScanner())
+    if "script" in cfg.scanners:
+        scanners.append(ScriptScanner())
     return scanners
 
 
@@ -154,6 +162,11 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     if "language_shift" in cfg.scanners:
         for i in ids:
             table[i]["flag.language_shift"] = int(table[i]["language_shift.shift"])
+    if "script" in cfg.scanners:
+        for i in ids:
+            r = table[i]
+            r["flag.script"] = int(r["script.foreign_share"] >= SCRIPT_FOREIGN and r["script.kinds"] >= SCRIPT_KINDS)
+            r["flag.blob"] = int(r["script.longest_unbroken"] >= BLOB_CHARS)
     if "model" in cfg.scanners:
         _model_stage(docs, cfg, table, candidates)
     for i in ids:

@@ -11,6 +11,7 @@ Higher scores are more suspicious for every field a filter thresholds.
 from __future__ import annotations
 
 import re
+import unicodedata
 import zlib
 from collections import Counter, defaultdict
 
@@ -317,3 +318,52 @@ class LanguageShiftScanner:
 def _latin(c: str) -> bool:
     return c < "\u0250" or "\u1e00" <= c <= "\u1eff"
 
+
+
+def _script(ch: str) -> str:
+    """A coarse script class of a character: the first word of its Unicode name (LATIN,
+    CYRILLIC, CJK, ...), ``digit``, ``space`` or ``symbol``."""
+    if ch.isspace():
+        return "space"
+    if ch.isdigit():
+        return "digit"
+    if not ch.isalpha():
+        return "symbol"
+    try:
+        return unicodedata.name(ch).split(" ", 1)[0]
+    except ValueError:
+        return "unknown"
+
+
+class ScriptScanner:
+    """Script and byte statistics over character windows, whatever the tokenizer: the largest
+    share of letters outside the document's main script (a payload of mixed scripts), the
+    number of scripts in that window, and the longest run of characters without a space (a
+    base64 or hex blob). Needs no fitting."""
+
+    name = "script"
+
+    def __init__(self, window: int = 200):
+        self.window = window
+
+    def fit(self, docs: list[Document]) -> None:
+        pass
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        rows = []
+        w = self.window
+        for doc in docs:
+            scripts = [_script(c) for c in doc.text]
+            letters = [s for s in scripts if s not in ("space", "digit", "symbol")]
+            main = max(set(letters), key=letters.count) if letters else None
+            foreign, kinds = 0.0, 0
+            for s in range(0, max(len(scripts) - w, 0) + 1, w // 2):
+                part = [x for x in scripts[s : s + w] if x not in ("space", "digit", "symbol")]
+                if len(part) >= 20:
+                    share = sum(x != main for x in part) / len(part)
+                    if share > foreign:
+                        foreign, kinds = share, len(set(part))
+            longest = max((len(t) for t in doc.text.split()), default=0)
+            rows.append({"id": doc.id, "script.foreign_share": foreign, "script.kinds": kinds,
+                         "script.longest_unbroken": longest})
+        return rows
