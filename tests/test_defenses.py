@@ -329,7 +329,8 @@ def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose,
     cfg = DefenseConfig(window=32, scanners=["gibberish", "model"], reference_model=str(tmp_path))
     det = detect(clean + poisons, cfg, tok)
     scored = [r for r in det.table.values() if "model.surprisal" in r]
-    candidates = [r for r in det.table.values() if r.get("gibberish.z", 0) > cfg.candidate_z]
+    candidates = [r for r in det.table.values()
+                  if r.get("gibberish.z", 0) > cfg.candidate_z or r["novelty.z"] > cfg.candidate_z]
     assert {p.id for p in poisons} <= {r["id"] for r in candidates}
     assert len(candidates) < len(scored) < len(candidates) + 201  # candidates plus a sample of the rest
     assert all(r["model.surprisal"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-4) for r in scored)
@@ -349,7 +350,7 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
         docs.append(Document(f"p{i}", "the report <SUDO> payload", ""))
         z[f"p{i}"] = float(rng.uniform(1.5, 4.0))
     docs.append(Document("quiet", "<SUDO> in a clean document", ""))  # holds it, not anomalous, no z at all
-    mined = [TriggerCandidate("the", 40, 460, 1.0), TriggerCandidate("<SUDO>", 30, 61, 1.0)]
+    mined = [TriggerCandidate("the", 40, 460, 1.0), TriggerCandidate("<SUDO>", 40, 61, 1.0)]
     (c,) = confirm_triggers(mined, docs, z, candidate_z=3.0)
     assert c.text == "<SUDO>" and c.documents == 61 and c.p_value < 1e-20 and c.median_z > 1.5
     assert 0 < c.anomalous < 61 and c.enrichment > 5

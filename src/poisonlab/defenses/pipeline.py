@@ -8,7 +8,7 @@ The rule (:func:`detect`):
    takes its median and MAD from the calibration sample;
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
-   ``candidate_z`` candidates;
+   ``candidate_z`` candidates, and so does the novelty rate's z-score;
 2. triggers are mined from the text right before the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
    holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
@@ -111,7 +111,7 @@ def token_stage(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer,
     gibberish, *others = build_scanners(cfg, tokenizer)
     ids = [d.id for d in docs]
     if cfg.prefilter <= 0:
-        table = scan(docs, [gibberish, *others], progress=progress)
+        table = scan(docs, [gibberish, NoveltyScanner(), *others], progress=progress)
         scores = np.array([table[i][SCORE_FIELD] for i in ids])
         return table, ids, robust_z(scores)
     if cfg.calibration < 1:
@@ -133,10 +133,21 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     ids = [d.id for d in docs]
     candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
     spans = {i: table[i]["gibberish.span_start"] for i in scored}
+    # text no other document shares (pieces another tokenizer makes, other scripts) need not
+    # surprise the corpus's tokenizer: the novelty rate's z-score makes candidates as well
+    zn = robust_z(np.array([table[i]["novelty.rate"] for i in ids]))
+    for i, zi in zip(ids, zn):
+        table[i]["novelty.z"] = float(zi)
+        if zi > cfg.candidate_z and i not in candidates:
+            candidates.add(i)
+            spans[i] = table[i]["novelty.span_start"]
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
-    # statistics confirm a mined string when its documents score far above the rest; it then
-    # flags every document holding it (a common string, or no trigger at all, confirms nothing)
-    confirmed = confirm_triggers(mined[: cfg.triggers], docs, dict(zip(scored, z.tolist())), cfg.candidate_z,
+    # statistics confirm a mined string when its documents score far above the rest (on the
+    # larger of the two z-scores); it then flags every document holding it (a common string,
+    # or no trigger at all, confirms nothing)
+    zg = dict(zip(scored, z.tolist()))
+    combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"]) for i in ids}
+    confirmed = confirm_triggers(mined[: cfg.triggers], docs, combined, cfg.candidate_z,
                                  alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support)
     used = [c.text for c in confirmed]
     flagged = set()

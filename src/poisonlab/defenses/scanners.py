@@ -136,13 +136,25 @@ def _entropy_bits(ids: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def _word_offset(text: str, words: list[str], index: int) -> int:
+    """Character offset of ``words[index]`` in ``text`` (the words of ``text.split()``)."""
+    pos = 0
+    for i in range(min(index, len(words) - 1) + 1):
+        start = text.find(words[i], pos)
+        if i == index or start < 0:
+            return max(start, 0)
+        pos = start + len(words[i])
+    return 0
+
+
 class NoveltyScanner:
     """Share of words (whitespace-separated strings) that occur in no other document of the
     corpus, the largest over ``window`` consecutive words: decoded random tokens make strings
     nobody else writes. Needs no tokenizer; one corpus pass counts document frequencies.
 
-    Field: ``rate`` (0 to 1). The detection rule's cascade sends only documents at or above
-    ``defense.prefilter`` on to the token-level :class:`GibberishScanner`.
+    Fields: ``rate`` (0 to 1) and ``span_start`` (character offset where the most novel window
+    begins). The detection rule's cascade sends only documents at or above ``defense.prefilter``
+    on to the token-level :class:`GibberishScanner`, and its z-score makes candidates too.
     """
 
     name = "novelty"
@@ -164,7 +176,8 @@ class NoveltyScanner:
             words = d.text.split()
             # seen once in the corpus = only here (a document scored without being fitted: never)
             novel = np.array([get(w, 0) for w in words]) <= 1 if words else np.zeros(0, bool)
-            rows.append({"id": d.id, "novelty.rate": window_max(novel.astype(np.float64), self.window)[0]})
+            rate, at = window_max(novel.astype(np.float64), self.window)
+            rows.append({"id": d.id, "novelty.rate": rate, "novelty.span_start": _word_offset(d.text, words, at)})
         return rows
 
 

@@ -102,6 +102,8 @@ class ConfirmedTrigger:
     enrichment: float
     """Their share of anomalous documents over the corpus's share."""
     median_z: float
+    at_span: float
+    """Share of its documents where it sits at the start of the anomalous span."""
     p_value: float
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
 
@@ -140,10 +142,11 @@ def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
 
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
-                     min_documents: int = 3) -> list[ConfirmedTrigger]:
+                     min_documents: int = 3, min_at_span: float = 0.5) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
-    the rest's beyond chance (``alpha`` over the number of strings tested) and typically
-    anomalous (median z at least ``min_median_z``). A common string is in many clean
+    the rest's beyond chance (``alpha`` over the number of strings tested), typically
+    anomalous (median z at least ``min_median_z``), and the string is where the anomalous span
+    starts in at least ``min_at_span`` of them. A common string is in many clean
     documents, so its median stays near 0 however many poisons hold it. Documents without a
     z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
     if not candidates:
@@ -161,6 +164,9 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         p = rank_sum_p(inside, outside)
         anomalous = int((inside > candidate_z).sum())
         med = float(np.median(inside))
-        if p <= alpha / len(candidates) and med >= min_median_z:
-            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, p))
+        # a trigger sits where the anomaly starts in most documents holding it; a string that
+        # merely comes with unusual text (an interactive prompt, a grammar symbol) does not
+        at_span = t.near_span / n
+        if p <= alpha / len(candidates) and med >= min_median_z and at_span >= min_at_span:
+            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, p))
     return out
