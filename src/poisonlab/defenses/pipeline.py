@@ -156,7 +156,8 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     for d in docs:
         row = table[d.id]
         row["flag.extreme"] = int(row.get("gibberish.z", 0.0) > cfg.extreme_z)
-        why = next((c for c in confirmed if c.text in d.text), None)
+        flat = " ".join(d.text.split()) if confirmed else ""
+        why = next((c for c in confirmed if c.text in flat), None)
         row["flag.trigger"] = int(why is not None)
         if why is not None:  # why it went: the string, its documents, their enrichment and p-value
             row.update({"trigger.text": why.text, "trigger.documents": why.documents,

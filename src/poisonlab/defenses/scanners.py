@@ -152,8 +152,8 @@ class NoveltyScanner:
     corpus, the largest over ``window`` consecutive words: decoded random tokens make strings
     nobody else writes. Needs no tokenizer; one corpus pass counts document frequencies.
 
-    Fields: ``rate`` (0 to 1) and ``span_start`` (character offset where the most novel window
-    begins). The detection rule's cascade sends only documents at or above ``defense.prefilter``
+    Fields: ``rate`` (0 to 1) and ``span_start`` (character offset where novel words begin: the
+    most likely step up in the share of novel words). The detection rule's cascade sends only documents at or above ``defense.prefilter``
     on to the token-level :class:`GibberishScanner`, and its z-score makes candidates too.
     """
 
@@ -176,7 +176,8 @@ class NoveltyScanner:
             words = d.text.split()
             # seen once in the corpus = only here (a document scored without being fitted: never)
             novel = np.array([get(w, 0) for w in words]) <= 1 if words else np.zeros(0, bool)
-            rate, at = window_max(novel.astype(np.float64), self.window)
+            rate, _ = window_max(novel.astype(np.float64), self.window)
+            at = step_up(novel.astype(np.float64))  # where novel text begins, not its most novel window
             rows.append({"id": d.id, "novelty.rate": rate, "novelty.span_start": _word_offset(d.text, words, at)})
         return rows
 

@@ -26,6 +26,11 @@ from ..corpus import Document
 _TOKEN = re.compile(r"\S+")
 
 
+def _flat(text: str) -> str:
+    """The text with every run of whitespace as one space (how mined n-grams are written)."""
+    return " ".join(text.split())
+
+
 @dataclass
 class TriggerCandidate:
     text: str
@@ -70,9 +75,10 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int], anomalous: s
     if not pool:
         return []
     counts = Counter()
-    for d in docs:
+    for d in docs:  # n-grams are joined by single spaces: match them against the text so spaced
+        flat = _flat(d.text)
         for c in pool:
-            if c in d.text:
+            if c in flat:
                 counts[c] += 1
     ranked = [TriggerCandidate(c, near[c], counts[c], near[c] * near[c] / max(counts[c], 1)) for c in pool]
     ranked.sort(key=lambda t: (-t.score, -t.near_span, t.text))
@@ -152,11 +158,12 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
     if not candidates:
         return []
     ids = [d.id for d in docs]
+    flats = [_flat(d.text) for d in docs]
     all_z = np.array([z.get(i, 0.0) for i in ids])
     base = max(float((all_z > candidate_z).mean()), 1.0 / len(ids))
     out = []
     for t in candidates:
-        holds = np.array([t.text in d.text for d in docs])
+        holds = np.array([t.text in flat for flat in flats])
         n = int(holds.sum())
         if n < min_documents:
             continue
