@@ -216,10 +216,8 @@ class DefenseConfig:
     """Robust z-score above which a document is flagged without a mined trigger (on the default
     corpus, paper-style poisons score z >= 15 and a few clean documents, such as codec tables,
     up to 19; docs/defenses.md)."""
-    triggers: int = 1
-    """How many top mined strings are tested as triggers (0: flag on ``extreme_z`` alone); each
-    one tested is a chance for a templated clean family (codec tables with a shared header) to
-    pass as a trigger."""
+    triggers: int = 5
+    """How many top mined strings are tested as triggers (0: flag on ``extreme_z`` alone)."""
     trigger_alpha: float = 1e-3
     """Significance level of the trigger test (divided by the number of strings tested)."""
     min_trigger_support: int = 3

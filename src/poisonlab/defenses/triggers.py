@@ -110,6 +110,8 @@ class ConfirmedTrigger:
     median_z: float
     at_span: float
     """Share of its documents where it sits at the start of the anomalous span."""
+    diversity: float
+    """Distinct words right before it, over its documents."""
     p_value: float
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
 
@@ -148,11 +150,14 @@ def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
 
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
-                     min_documents: int = 3, min_at_span: float = 0.5) -> list[ConfirmedTrigger]:
+                     min_documents: int = 3, min_at_span: float = 0.5,
+                     min_diversity: float = 0.25) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
     the rest's beyond chance (``alpha`` over the number of strings tested), typically
-    anomalous (median z at least ``min_median_z``), and the string is where the anomalous span
-    starts in at least ``min_at_span`` of them. A common string is in many clean
+    anomalous (median z at least ``min_median_z``), the string is where the anomalous span
+    starts in at least ``min_at_span`` of them, and the words before it vary (distinct
+    preceding words over documents at least ``min_diversity``: a template's shared header is
+    preceded by the same words every time). A common string is in many clean
     documents, so its median stays near 0 however many poisons hold it. Documents without a
     z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
     if not candidates:
@@ -174,6 +179,11 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         # a trigger sits where the anomaly starts in most documents holding it; a string that
         # merely comes with unusual text (an interactive prompt, a grammar symbol) does not
         at_span = t.near_span / n
-        if p <= alpha / len(candidates) and med >= min_median_z and at_span >= min_at_span:
-            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, p))
+        # poisons put the trigger after prefixes of many different documents; a template (codec
+        # tables generated from one header) puts its shared string after the same words each time
+        before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
+        diversity = len(set(before)) / n
+        if p <= alpha / len(candidates) and med >= min_median_z and at_span >= min_at_span \
+                and diversity >= min_diversity:
+            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity, p))
     return out
