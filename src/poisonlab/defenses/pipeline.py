@@ -12,7 +12,8 @@ The rule (:func:`detect`):
 2. triggers are mined from the text right before the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
    holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
-   strings tested, and a median z of at least 1), every document holding it is flagged, with
+   strings tested, a median z of at least 1, at the anomalous span's start in 60% of its
+   documents, after varied words, in documents that are not copies of one template), every document holding it is flagged, with
    the string, its enrichment and its p-value in its row (a common word confirms nothing); any
    document is flagged above ``extreme_z``;
 4. the other scanners listed add flags of their own (compression above ``extreme_z``,

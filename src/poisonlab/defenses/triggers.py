@@ -112,6 +112,8 @@ class ConfirmedTrigger:
     """Share of its documents where it sits at the start of the anomalous span."""
     diversity: float
     """Distinct words right before it, over its documents."""
+    similarity: float
+    """Mean Jaccard similarity of its documents' word 5-grams (the string's own left out)."""
     p_value: float
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
 
@@ -128,6 +130,20 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     for a, b in zip(bounds[:-1], bounds[1:]):
         ranks[order[a:b]] = (a + b + 1) / 2.0
     return ranks
+
+
+def _mutual_similarity(texts: list[str], string: str, sample: int = 40) -> float:
+    """Mean pairwise Jaccard similarity of word 5-gram sets (n-grams holding ``string`` left out)
+    over up to ``sample`` of ``texts`` (evenly spaced, so the result is deterministic)."""
+    if len(texts) < 2:
+        return 0.0
+    step = max(1, len(texts) // sample)
+    sets = []
+    for t in texts[::step][:sample]:
+        w = t.replace(string, " ").split()
+        sets.append({" ".join(w[i:i + 5]) for i in range(max(len(w) - 4, 0))})
+    sims = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a or b]
+    return float(np.mean(sims)) if sims else 0.0
 
 
 def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
@@ -150,14 +166,16 @@ def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
 
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
-                     min_documents: int = 3, min_at_span: float = 0.5,
-                     min_diversity: float = 0.25) -> list[ConfirmedTrigger]:
+                     min_documents: int = 3, min_at_span: float = 0.6,
+                     min_diversity: float = 0.25, max_similarity: float = 0.2) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
     the rest's beyond chance (``alpha`` over the number of strings tested), typically
     anomalous (median z at least ``min_median_z``), the string is where the anomalous span
     starts in at least ``min_at_span`` of them, and the words before it vary (distinct
-    preceding words over documents at least ``min_diversity``: a template's shared header is
-    preceded by the same words every time). A common string is in many clean
+    preceding words over documents at least ``min_diversity``) and the documents are not
+    copies of one template (mean Jaccard similarity of their word 5-grams at most
+    ``max_similarity``: generated codec tables share most of their text, poisons built on
+    different clean documents and random payloads share only the trigger). A common string is in many clean
     documents, so its median stays near 0 however many poisons hold it. Documents without a
     z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
     if not candidates:
@@ -183,7 +201,9 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         # tables generated from one header) puts its shared string after the same words each time
         before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
         diversity = len(set(before)) / n
+        similarity = _mutual_similarity([f for f, h in zip(flats, holds) if h], t.text)
         if p <= alpha / len(candidates) and med >= min_median_z and at_span >= min_at_span \
-                and diversity >= min_diversity:
-            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity, p))
+                and diversity >= min_diversity and similarity <= max_similarity:
+            out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity,
+                                        similarity, p))
     return out
