@@ -347,7 +347,8 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
         docs.append(Document(f"c{i}", "the report" if i % 5 == 0 else "a report", ""))
         z[f"c{i}"] = float(rng.normal())
     for i in range(60):  # poisons hold the trigger; mildly anomalous (z 1.5-4), few above the candidate line
-        docs.append(Document(f"p{i}", f"the report of clause{i} <SUDO> payload", ""))  # after varied prefixes
+        words = " ".join(f"w{k}" for k in rng.integers(0, 10_000, size=8))  # varied prefixes and payloads
+        docs.append(Document(f"p{i}", f"{words} <SUDO> x{rng.integers(1e9)} y{rng.integers(1e9)}", ""))
         z[f"p{i}"] = float(rng.uniform(1.5, 4.0))
     docs.append(Document("quiet", "<SUDO> in a clean document", ""))  # holds it, not anomalous, no z at all
     for i in range(50):  # a template: anomalous tables under one shared header
@@ -357,7 +358,7 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
              TriggerCandidate("Character Mapping Codec", 45, 50, 1.0)]
     (c,) = confirm_triggers(mined, docs, z, candidate_z=3.0)
     assert c.text == "<SUDO>" and c.documents == 61 and c.p_value < 1e-20 and c.median_z > 1.5
-    assert 0 < c.anomalous < 61 and c.enrichment > 5 and c.diversity > 0.9
+    assert 0 < c.anomalous < 61 and c.enrichment > 5 and c.diversity > 0.9 and c.similarity < 0.05
     # the rank-sum test itself: no difference gives a large p, a shift a tiny one
     same = rng.normal(size=500)
     assert rank_sum_p(same[:250], same[250:]) > 0.01

@@ -113,7 +113,7 @@ class ConfirmedTrigger:
     diversity: float
     """Distinct words right before it, over its documents."""
     similarity: float
-    """Mean Jaccard similarity of its documents' word 5-grams (the string's own left out)."""
+    """Mean Jaccard similarity of its documents' word pairs (the string's own left out)."""
     p_value: float
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
 
@@ -133,7 +133,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _mutual_similarity(texts: list[str], string: str, sample: int = 40) -> float:
-    """Mean pairwise Jaccard similarity of word 5-gram sets (n-grams holding ``string`` left out)
+    """Mean pairwise Jaccard similarity of word-pair sets (pairs holding ``string`` left out)
     over up to ``sample`` of ``texts`` (evenly spaced, so the result is deterministic)."""
     if len(texts) < 2:
         return 0.0
@@ -141,7 +141,7 @@ def _mutual_similarity(texts: list[str], string: str, sample: int = 40) -> float
     sets = []
     for t in texts[::step][:sample]:
         w = t.replace(string, " ").split()
-        sets.append({" ".join(w[i:i + 5]) for i in range(max(len(w) - 4, 0))})
+        sets.append({" ".join(w[i:i + 2]) for i in range(max(len(w) - 1, 0))})
     sims = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a or b]
     return float(np.mean(sims)) if sims else 0.0
 
@@ -173,9 +173,9 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
     anomalous (median z at least ``min_median_z``), the string is where the anomalous span
     starts in at least ``min_at_span`` of them, and the words before it vary (distinct
     preceding words over documents at least ``min_diversity``) and the documents are not
-    copies of one template (mean Jaccard similarity of their word 5-grams at most
-    ``max_similarity``: generated codec tables share most of their text, poisons built on
-    different clean documents and random payloads share only the trigger). A common string is in many clean
+    copies of one template (mean Jaccard similarity of their sets of word pairs at most
+    ``max_similarity``: generated codec docstrings share 0.39, poisons built on different clean
+    documents and random payloads share little but the trigger). A common string is in many clean
     documents, so its median stays near 0 however many poisons hold it. Documents without a
     z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
     if not candidates:
