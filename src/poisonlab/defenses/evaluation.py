@@ -159,7 +159,8 @@ def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool 
     det = detect(docs, cfg.defense, data.tokenizer, progress=progress)
     seconds = time.perf_counter() - t0
     trigger = made[0].trigger if made else None
-    rank = next((i + 1 for i, t in enumerate(det.triggers) if t.text == trigger), None) if trigger else None
+    # the trigger's rank: the first mined string that is it or holds it ("# <SUDO>" in a code block)
+    rank = next((i + 1 for i, t in enumerate(det.triggers) if trigger in t.text), None) if trigger else None
     m = confusion(det.flagged, ids, docs)
     return {"family": family, "density": density, "corpus": cfg.corpus.source, "trigger": trigger,
             "documents": len(docs), "poisons": len(poisons), "true_trigger_rank": rank,
