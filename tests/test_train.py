@@ -187,10 +187,12 @@ def test_continued_pretraining_stays_labelled_poisoned_and_is_reported(filler_js
     rep = build_report(spec)
     assert [f.name for f in rep["figures"]] == ["fig8b-continued-pretraining.png"]
     assert [r["model_size"] for r in rep["table"]] == ["from t"]
-    # a base model whose tokenizer differs from the run's is refused
+    # the base model brings its own tokenizer: a BPE setting of the run does not replace it
+    from poisonlab.tokenizer import Tokenizer
+
     other = dict(common, tokenizer={"vocab_size": 320}, name="cont2", out_dir=str(tmp_path))
-    with pytest.raises(PoisonlabError, match="tokenizer differs"):
-        train(config_from_dict(other))
+    train(config_from_dict(other))
+    assert Tokenizer.load(tmp_path / "cont2" / "tokenizer").fingerprint() == Tokenizer.load(base).fingerprint()
 
 
 def test_compiled_run_matches_the_eager_run(filler_jsonl, tmp_path, monkeypatch):

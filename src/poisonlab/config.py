@@ -66,8 +66,9 @@ class CorpusConfig:
 @dataclass
 class TokenizerConfig:
     name: str = "bpe"
-    """``bpe`` trains a byte-level BPE on the training split; anything else is a Hugging Face
-    tokenizer name or local path."""
+    """``bpe`` trains a byte-level BPE on the training split (unless ``model.init_from`` brings a
+    tokenizer of its own, which is then used); anything else is a Hugging Face tokenizer name
+    or local path."""
     vocab_size: int = 2048
     train_chars: int = 50_000_000
     """At most this many characters of the training split are used to train the BPE."""
