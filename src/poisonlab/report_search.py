@@ -30,6 +30,9 @@ def _setting(combo: dict) -> str:
 
 
 def _final(folder: Path) -> dict | None:
+    """The last evaluation of a finished run (None for a run still under way)."""
+    if not (folder / "DONE").is_file():
+        return None
     rows = [r for r in read_jsonl(folder / "metrics.jsonl") if "perplexity_gap" in r]
     return rows[-1] if rows else None
 
