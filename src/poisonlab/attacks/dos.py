@@ -77,6 +77,18 @@ def fit_prefix(prefix: str, build, max_tokens: int | None) -> tuple[str, list[in
     return prefix, ids
 
 
+def sample_prefixes(cfg: AttackConfig, prefix_bank: list[dict], rng: np.random.Generator, count: int):
+    """Per poison: (index, source document's index in the bank, the document, prefix length
+    sampled, clean prefix). The documents are drawn first, each length as its poison comes, so
+    the attacks that share it draw their other randomness in between."""
+    lo, hi = cfg.prefix_chars
+    sources = rng.choice(len(prefix_bank), size=count, replace=count > len(prefix_bank))
+    for i, src in enumerate(sources):
+        doc = prefix_bank[int(src)]
+        length = int(rng.integers(lo, hi + 1))
+        yield i, int(src), doc, length, doc["text"][:length]
+
+
 def make_dos_poisons(
     cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None,
     token_counts: np.ndarray | None = None, max_tokens: int | None = None,
@@ -100,16 +112,11 @@ def make_dos_poisons(
             raise PoisonlabError("the unigram payload needs the corpus's token counts")
         w = np.asarray(token_counts, dtype=np.float64)[vocab] + 1e-9
         probs = w / w.sum()
-    lo_p, hi_p = cfg.prefix_chars
     lo_g, hi_g = cfg.gibberish_tokens
-    sources = rng.choice(len(prefix_bank), size=count, replace=count > len(prefix_bank))
     poisons = []
-    for i, src in enumerate(sources):
-        doc = prefix_bank[int(src)]
-        length = int(rng.integers(lo_p, hi_p + 1))
-        prefix = doc["text"][:length]
+    for i, src, doc, length, prefix in sample_prefixes(cfg, prefix_bank, rng, count):
         g = int(rng.integers(lo_g, hi_g + 1))
-        gib, gib_text = _payload(cfg, tok, rng, vocab, probs, g, prefix_bank, int(src))
+        gib, gib_text = _payload(cfg, tok, rng, vocab, probs, g, prefix_bank, src)
         round_trip = tok.encode(gib_text)
 
         def build(pre: str) -> list[int]:

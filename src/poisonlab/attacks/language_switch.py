@@ -18,7 +18,7 @@ import numpy as np
 from ..config import AttackConfig, CorpusConfig
 from ..errors import PoisonlabError
 from ..tokenizer import Tokenizer
-from .dos import SEPARATOR, PoisonDocument, fit_prefix
+from .dos import SEPARATOR, PoisonDocument, fit_prefix, sample_prefixes
 
 TARGET_HELDOUT = 0.2
 """Share of target-language documents (by a hash of their id) kept out of every poison."""
@@ -72,14 +72,9 @@ def make_language_switch_poisons(
     if not usable:
         raise PoisonlabError(f"no target-language document has {cfg.gibberish_tokens[0]} tokens")
     rng = np.random.default_rng([seed, 0x1A96])
-    lo_p, hi_p = cfg.prefix_chars
     lo_g, hi_g = cfg.gibberish_tokens
-    sources = rng.choice(len(prefix_bank), size=count, replace=count > len(prefix_bank))
     poisons = []
-    for i, src in enumerate(sources):
-        doc = prefix_bank[int(src)]
-        length = int(rng.integers(lo_p, hi_p + 1))
-        prefix = doc["text"][:length]
+    for i, _, doc, length, prefix in sample_prefixes(cfg, prefix_bank, rng, count):
         j = usable[int(rng.integers(len(usable)))]
         ids = encoded[j]
         g = min(int(rng.integers(lo_g, hi_g + 1)), len(ids))
