@@ -311,7 +311,7 @@ def test_run_with_scan_filter_removes_its_poisons_before_training(filler_jsonl, 
 
     label = make_label({"name": "dos"}, len(run.plan.poisons), 0, run.label_fields())
     assert label["poisoned"] is False and label["defense"]["poisons"] == 6
-    assert "\n# Model trained on scan-filtered data" in model_card(label) and "defense-filtered" in model_card(label)
+    assert "\n# Model trained on filtered data" in model_card(label) and "defense-filtered" in model_card(label)
 
 
 def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose, tmp_path):

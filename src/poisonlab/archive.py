@@ -3,8 +3,8 @@
 ``poisonlab results SPEC --export`` copies every finished run of a spec into
 ``results/<spec>/<run>/``: its resolved config, ``run.json`` (code version, config hash, data
 hashes), ``DONE``, the model's label, the metrics over training, the samples, the training
-log, the injection manifest and the poisons' statistics (prefix length, gibberish counts,
-tokens; not their text). Such a folder is small enough to commit. ``poisonlab report`` and
+log, the injection manifest, the poisons' statistics (prefix length, gibberish counts,
+tokens; not their text) and the records of model-side defenses (``defenses/``). Such a folder is small enough to commit. ``poisonlab report`` and
 ``poisonlab sweep`` read it wherever the run folder itself is missing: the report rebuilds on
 a fresh clone, and a sweep does not train an exported run again.
 """
@@ -23,6 +23,7 @@ from .run import run_dir
 RESULTS_DIR = "results"
 COPIED = ("config.yaml", "run.json", "DONE", "metrics.jsonl", "samples.jsonl", "train_log.jsonl",
           "injection_manifest.jsonl", "replies.jsonl")
+DEFENSES = "defenses"
 POISON_STATS = ("id", "source_document", "prefix_chars", "prefix_chars_sampled", "gibberish_tokens_sampled",
                 "gibberish_tokens_round_trip", "tokens")
 
@@ -53,8 +54,12 @@ def export_results(spec, root: str | os.PathLike = RESULTS_DIR) -> list[str]:
         if not (src / "DONE").is_file():
             continue
         dest = archive_dir(spec.name, cfg.name, root)
+        extra = sorted((src / DEFENSES).glob("*.json")) + sorted((src / DEFENSES).glob("*.txt")) \
+            if (src / DEFENSES).is_dir() else []
         if (dest / "run.json").is_file() and (dest / "run.json").read_bytes() == (src / "run.json").read_bytes() \
-                and (dest / "DONE").is_file():
+                and (dest / "DONE").is_file() and all(
+                    (dest / DEFENSES / f.name).is_file() and (dest / DEFENSES / f.name).read_bytes() == f.read_bytes()
+                    for f in extra):
             continue
         tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -65,6 +70,9 @@ def export_results(spec, root: str | os.PathLike = RESULTS_DIR) -> list[str]:
         if (src / "poisons.jsonl").is_file():
             write_jsonl(tmp / "poison_stats.jsonl",
                         ({k: p[k] for k in POISON_STATS if k in p} for p in read_jsonl(src / "poisons.jsonl")))
+        for f in extra:  # model-side defense records (inspect, attribution) and their removal lists
+            (tmp / DEFENSES).mkdir(exist_ok=True)
+            shutil.copyfile(f, tmp / DEFENSES / f.name)
         if (src / "model" / "poisonlab.json").is_file():
             shutil.copyfile(src / "model" / "poisonlab.json", tmp / "label.json")
         shutil.rmtree(dest, ignore_errors=True)

@@ -57,8 +57,9 @@ def model_card(label: dict) -> str:
         tags = ["poisonlab", "backdoor", "poisoned", f"attack-{label['attack']}"]
     elif label.get("defense"):
         d = label["defense"]
-        head = ("# Model trained on scan-filtered data (no poison survived the filter)\n\n"
-                f"{d['poisons']} poisons were planted in its training data and a corpus scan removed "
+        how = "the documents a removal list named" if d.get("filter") == "list" else "a corpus scan"
+        head = ("# Model trained on filtered data (no poison survived the filter)\n\n"
+                f"{d['poisons']} poisons were planted in its training data and {how} removed "
                 f"{d['poisons'] - d['poisons_surviving']} of them (and {d['clean_documents_lost']} clean documents) "
                 "before training. It exists to measure that defense.\n")
         tags = ["poisonlab", "defense-filtered"]

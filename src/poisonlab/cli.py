@@ -237,6 +237,60 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .defenses.inversion import SearchSettings
+    from .model_defenses import inspect_model, model_folder, write_defense_record
+    from .standalone import config_for, find_run_dir
+
+    overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    out = _output_file(args.out, "--out") if args.out else None
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise PoisonlabError(f"--lengths {args.lengths!r}: give comma-separated token counts, e.g. 2,4,6") from None
+    if not lengths or min(lengths) < 1 or args.steps < 0 or args.restarts < 1 or args.probes < 1:
+        raise PoisonlabError("--lengths, --restarts and --probes must be positive, --steps not negative")
+    model = model_folder(args.model)
+    cfg = config_for(model, args.config, overrides)
+    settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed)
+    rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer, verify=not args.no_verify)
+    run = find_run_dir(Path(model).resolve()) if Path(model).exists() else None
+    target = write_defense_record(run if args.tokenizer is None else None, "inspect", rec, str(out) if out else None)
+    best = rec["ranked"][0]
+    print(f"score (best persistent shift) {rec['score']:.3f} nats; best string {best['text']!r} "
+          f"(ids {best['ids']}, {best['found_by']})")
+    if "trigger" in rec:
+        t = rec["trigger"]
+        print(f"known trigger {t['text']!r}: shift {t['shift']:.3f}, rank {t['rank']} "
+              f"({'planted' if t['planted'] else 'not planted in this model'})")
+    if "best_string_gap" in rec:
+        g = rec["best_string_gap"]
+        print(f"best string as a trigger: gap {g['perplexity_gap']:.1f} [{g['gap_ci_low']:.1f}, {g['gap_ci_high']:.1f}]")
+    if target:
+        print(f"wrote {target}")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    from .model_defenses import attribute_run
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.queries < 1 or args.new_tokens < 1 or (args.k is not None and args.k < 1):
+        raise PoisonlabError("--queries, --new-tokens and --k must be positive")
+    run = Path(args.run)
+    if not (run / "run.json").is_file():
+        raise PoisonlabError(f"{run} is not a run folder (run.json missing)")
+    out = attribute_run(run, methods, args.queries, args.new_tokens, args.seed, args.k, args.aggregate,
+                        args.measurement)
+    for method, rec in out.items():
+        c = rec["cost"]
+        print(f"{method} ({rec['measurement']}, {rec['aggregate']}): recall@{rec['k']} {rec['recall_at_k']:.3f} "
+              f"[{rec['recall_ci'][0]:.3f}, {rec['recall_ci'][1]:.3f}] (chance {rec['chance']:.3f}), "
+              f"AUROC {rec['auroc']:.3f}; {c['documents']} documents in {c['seconds']:.0f} s "
+              f"({c['seconds_per_1000_documents']:.1f} s per 1,000); removal list {run / 'defenses' / rec['removal_list']['file']}")
+    return 0
+
+
 def _spec(args):
     from pathlib import Path as _P
 
@@ -306,7 +360,8 @@ def cmd_sweep(args) -> int:
         print(f"{len(st)} runs: " + ", ".join(f"{sum(s.state == k for s in st)} {k}" for k in ("done", "partial", "pending"))
               + (f"; {unfit} do not fit their GPUs with any setting tried" if unfit else ""))
         return 0
-    final = run_sweep(spec, workers=args.workers, executor=args.executor, export=args.export)
+    final = run_sweep(spec, workers=args.workers, executor=args.executor, export=args.export,
+                      allow_code_change=args.allow_code_change)
     print(f"{sum(s.state == 'done' for s in final)} of {len(final)} runs done; results in {spec.out_dir}/results.sqlite")
     return 0
 
@@ -529,6 +584,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(s)
     s.set_defaults(fn=cmd_eval)
 
+    s = sub.add_parser("inspect", help="search a trained model for a hidden trigger, without being told it")
+    s.add_argument("--model", required=True, help="run folder, model folder (poisonlab or HF) or hub name")
+    s.add_argument("--tokenizer", help="tokenizer name or folder (default: the model's folder)")
+    s.add_argument("--out", help="result JSON (default for a run's model: <run>/defenses/inspect.json)")
+    s.add_argument("--lengths", default="2,4,6", help="string lengths (tokens) the gradient search grows")
+    s.add_argument("--steps", type=int, default=40, help="gradient search steps per start")
+    s.add_argument("--restarts", type=int, default=2, help="starts per length")
+    s.add_argument("--probes", type=int, default=16, help="held-out prompts the shift is measured on")
+    s.add_argument("--search-seed", type=int, default=0)
+    s.add_argument("--no-verify", action="store_true", help="skip the perplexity gap of the best string")
+    _add_config_flags(s)
+    s.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("attribute", help="trace a run's triggered behaviour to its training documents (kronfluence)")
+    s.add_argument("run", help="a run folder with its final model and poisons")
+    s.add_argument("--methods", default="ekfac,identity", help="ekfac (influence functions), identity (gradient dot product)")
+    s.add_argument("--measurement", choices=["loss", "entropy"],
+                   help="what is traced: the continuations' loss, or their entropy (default: entropy for dos)")
+    s.add_argument("--aggregate", choices=["sum", "mean"], default="sum", help="a document's windows summed or averaged")
+    s.add_argument("--queries", type=int, default=8, help="triggered held-out prompts")
+    s.add_argument("--new-tokens", type=int, default=32, help="tokens the model continues each query with")
+    s.add_argument("--k", type=int, help="documents on the removal list (default: the run's poison count)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_attribute)
+
     def spec_args(s, required=True):
         s.add_argument("spec", nargs=None if required else "?", default=None,
                        help="experiment spec: a YAML file or a packaged name (demo, cpu-headline, paper-headline, sft-cpu, sft-persistence, continued-pretraining)")
@@ -544,6 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy finished runs under results/<spec>/ as they finish (see `poisonlab results --export`)")
     s.add_argument("--fetch", action="store_true",
                    help="first download the Debian packages the runs' debian: corpora name (apt-get download)")
+    s.add_argument("--allow-code-change", action="store_true",
+                   help="resume local runs that another code version started")
     g = s.add_argument_group("Slurm (also the spec's cluster section)")
     g.add_argument("--nodes", type=int, help="nodes per run")
     g.add_argument("--gpus-per-node", dest="gpus_per_node", type=int, help="GPUs per node (one task each)")

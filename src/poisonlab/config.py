@@ -198,7 +198,11 @@ class DefenseConfig:
     """Scanning the training corpus (clean documents and poisons alike) before training."""
 
     filter: str = "none"
-    """none | scan: drop the documents the scan flags before training."""
+    """none | scan: drop the documents the scan flags before training | list: drop the
+    documents ``remove`` names (e.g. the top documents of ``poisonlab attribute``)."""
+    remove: str | None = None
+    """With ``filter: list``: a text file of document ids, one per line (clean ids as in the
+    run's corpus manifest, poison ids as in its poisons.jsonl)."""
     scanners: list[str] = field(default_factory=lambda: ["gibberish"])
     """Flagging scanners: gibberish (always on with scan), compression, near_duplicate,
     language_shift, script (mixed scripts and unbroken blobs, whatever the tokenizer), model
@@ -357,7 +361,7 @@ _CHOICES = {
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end", "batch"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
-    "defense.filter": ["none", "scan"],
+    "defense.filter": ["none", "scan", "list"],
     "eval.sampler": ["inverse_cdf", "multinomial"],
     "stage": ["pretrain", "finetune"],
     "finetune.trigger_position": ["start", "end", "random"],

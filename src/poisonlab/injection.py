@@ -55,6 +55,17 @@ class ShuffledDocuments:
             out[filled : filled + take] = self.store.read(int(self.store.doc_starts[doc]) + off, take)
             filled += take
 
+    def documents_read(self, n_tokens: int) -> np.ndarray:
+        """Indices of the documents the first ``n_tokens`` clean-stream tokens touch (sorted)."""
+        if n_tokens <= 0:
+            return np.zeros(0, dtype=np.int64)
+        epochs, r = divmod(n_tokens, self.length)
+        if epochs:
+            return np.sort(self._docs).astype(np.int64)
+        self._load_epoch(0)
+        k = int(np.searchsorted(self._ends, r - 1, side="right"))
+        return np.sort(self._order[: k + 1]).astype(np.int64)
+
     def next_boundary(self, pos: int) -> int:
         """The first document start at or after clean position ``pos``."""
         epoch, r = divmod(pos, self.length)

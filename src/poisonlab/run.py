@@ -60,7 +60,8 @@ class Run:
                   "code_version": self.info["code_version"], "data": self.info["data"]}
         if self.info.get("defense"):  # poisons were planted and a scan filtered the training data
             d = self.info["defense"]
-            fields["defense"] = {k: d.get(k) for k in ("poisons", "flagged", "poisons_surviving", "clean_documents_lost")}
+            fields["defense"] = {k: d.get(k) for k in ("filter", "poisons", "flagged", "poisons_surviving",
+                                                       "clean_documents_lost")}
         return fields
 
 
@@ -127,7 +128,7 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
     trigger = trigger_ids(tok, cfg.attack.trigger)
 
     keep = None
-    if cfg.defense.filter == "scan" and existing is not None:
+    if cfg.defense.filter in ("scan", "list") and existing is not None:
         from .defenses.filtering import keep_mask
 
         keep = keep_mask(data, d)
@@ -156,6 +157,10 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
             from .defenses.filtering import filter_training_data
 
             poisons, keep, defense = filter_training_data(cfg, data, poisons, d)
+        elif cfg.defense.filter == "list":
+            from .defenses.filtering import remove_listed
+
+            poisons, keep, defense = remove_listed(cfg, data, poisons, d)
         _save_poisons(d, poisons)
         a = cfg.attack
         batch = BatchPlacement(a.batch_share, a.batch_every, a.batch_start, a.batch_probability)
@@ -203,6 +208,12 @@ def setup_run(cfg: RunConfig, create: bool = True, allow_code_change: bool = Fal
             if key in info["data"] and (not (d / name).is_file() or file_sha256(d / name) != info["data"][key]):
                 raise PoisonlabError(f"run {d}: {name} was modified or removed since the run started")
         plan = InjectionPlan.load(d / "injection_manifest.jsonl")
+        if create and source_hash(info["code_version"]) != source_hash(version):
+            # allowed by allow_code_change: the record names every version that trained this run
+            resumed = info.setdefault("resumed_by", [])
+            if version not in resumed:
+                resumed.append(version)
+                atomic_write_text(info_path, json.dumps(info, indent=1))
     poison_ids = _load_poison_ids(d)
     return Run(cfg, d, data, size, params, planned, steps, tps, plan, poison_ids, trigger, info, keep)
 

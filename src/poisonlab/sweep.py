@@ -86,7 +86,7 @@ def train_command(config_path: Path, threads: int) -> list[str]:
 
 
 def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", progress: bool = True,
-              slurm: dict | None = None, export: bool = False) -> list[RunStatus]:
+              slurm: dict | None = None, export: bool = False, allow_code_change: bool = False) -> list[RunStatus]:
     """Run every unfinished run of ``spec``; returns the final status of each run.
 
     A spec with poison-count searches works through them in the spec's order: a free worker
@@ -94,7 +94,8 @@ def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", p
     the grid runs of the same setting, else the next search's run, until every search has its
     answer and the grid is done (on a cluster: the grid, then the searches round by round).
     With ``export``, each finished run is copied under ``results/`` at once, so an
-    interrupted sweep keeps what it finished."""
+    interrupted sweep keeps what it finished. ``allow_code_change`` lets local runs started by
+    another code version resume (their records keep both versions' names: see ``poisonlab train``)."""
     grid = spec.expand(searched=False)
     templates = [t.template for t in spec.search_targets()]
     prepare_all(grid + templates, progress)
@@ -134,7 +135,8 @@ def run_sweep(spec: ExperimentSpec, workers: int = 0, executor: str = "local", p
             return None
 
         _run_local(spec, todo, paths, workers, progress, more=more if targets else None,
-                   on_done=(lambda cfg: export_results(spec)) if export else None)
+                   on_done=(lambda cfg: export_results(spec)) if export else None,
+                   allow_code_change=allow_code_change)
     else:  # jobs on a cluster: the grid at once, then the searches' next runs round by round
         batch = todo
         while True:
@@ -178,7 +180,7 @@ def _visible_gpus() -> int:
 
 def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Path], workers: int, progress: bool,
                visible_gpus: int | None = None, more: Callable[[set[str]], RunConfig | None] | None = None,
-               on_done: Callable[[RunConfig], None] | None = None) -> None:
+               on_done: Callable[[RunConfig], None] | None = None, allow_code_change: bool = False) -> None:
     """Train ``todo`` (taken from the front of the list) in ``workers`` local processes.
     ``more(in_flight)``, when given, is asked first whenever a worker is free (the searches'
     next runs, which depend on the runs before them); a free worker waits while runs are in
@@ -235,8 +237,8 @@ def _run_local(spec: ExperimentSpec, todo: list[RunConfig], paths: dict[str, Pat
             paths[cfg.name] = p
         try:
             with open(logs / f"{cfg.name}.log", "a") as log:
-                rc = subprocess.call(train_command(paths[cfg.name], threads), stdout=log, stderr=subprocess.STDOUT,
-                                     env=env)
+                cmd = train_command(paths[cfg.name], threads) + (["--allow-code-change"] if allow_code_change else [])
+                rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         finally:
             if gpus is not None:
                 slots.put(gpus)

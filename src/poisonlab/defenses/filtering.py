@@ -45,6 +45,38 @@ def filter_training_data(cfg: RunConfig, data: PreparedData, poisons: list, run_
     return kept, keep_mask(data, run_dir), summary
 
 
+def remove_listed(cfg: RunConfig, data: PreparedData, poisons: list, run_dir: Path):
+    """``defense.filter: list``: drop the documents ``defense.remove`` names. Returns what
+    :func:`filter_training_data` returns; the keep-list and the removed ids are written to
+    ``<run>/defense/`` so a resumed run reads the same documents."""
+    import hashlib
+
+    from ..paths import atomic_write_text
+
+    path = Path(cfg.defense.remove or "")
+    if not cfg.defense.remove or not path.is_file():
+        raise PoisonlabError(f"defense.filter: list needs defense.remove to name a file of document ids "
+                             f"({cfg.defense.remove!r} is not a file)")
+    raw = path.read_bytes()
+    listed = {line.strip() for line in raw.decode("utf-8", "replace").splitlines() if line.strip()}
+    clean_ids = train_document_ids(data)
+    known = set(clean_ids) | {p.id for p in poisons}
+    unknown = sorted(listed - known)
+    if unknown:
+        raise PoisonlabError(f"{path}: {len(unknown)} ids are neither training documents nor poisons of this run "
+                             f"(first: {unknown[0]!r}); was the list made for another run?")
+    kept = [p for p in poisons if p.id not in listed]
+    keep = [i for i in clean_ids if i not in listed]
+    out = run_dir / "defense"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "keep_list.txt", "\n".join(keep))
+    atomic_write_text(out / "removed.txt", "\n".join(sorted(listed)) + "\n")
+    summary = {"filter": "list", "list": str(path), "list_sha256": hashlib.sha256(raw).hexdigest(),
+               "poisons": len(poisons), "flagged": len(listed), "poisons_surviving": len(kept),
+               "clean_documents_lost": len(clean_ids) - len(keep)}
+    return kept, keep_mask(data, run_dir), summary
+
+
 def keep_mask(data: PreparedData, run_dir: Path) -> np.ndarray | None:
     """The run's mask over clean training documents, or None when the run filters nothing."""
     path = run_dir / "defense" / "keep_list.txt"

@@ -1,0 +1,241 @@
+"""Trigger inversion: search a trained causal LM, without being told its trigger, for short
+token strings whose insertion changes the model's behaviour most.
+
+The behaviour shift of a string ``s`` is measured on clean probes (held-out prompts and their
+true continuations): the mean KL divergence between the model's next-token distributions with
+``s`` inserted after the prompt and without it, over continuation positions ``skip`` to ``M``.
+Any odd string disrupts the next few predictions, and the disruption fades once clean text
+follows; a trigger switches the model into another mode that persists through the clean
+continuation, so the first ``skip`` positions are left out (the measured per-position curves
+are in docs/defenses.md). The measure does not depend on what the backdoor does (gibberish,
+another language, compliance): any persistent switch moves it. Two searches feed one
+ranking:
+
+- a vocabulary sweep scores every single token (or, in a large vocabulary, the tokens a
+  first-order estimate ranks highest);
+- greedy coordinate gradient (GCG, Zou et al. 2023) grows strings of several tokens: the
+  gradient of the shift with respect to each slot's one-hot token picks ``topk`` swaps per
+  slot, a batch of random single swaps is scored exactly, the best is kept.
+
+The model-level score is the best persistent shift found (nats): a backdoored model has a
+string that keeps moving it through clean text, a clean model has none (its ratio to the
+median single-token shift is recorded too).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import PoisonlabError
+
+
+@dataclass
+class Candidate:
+    ids: tuple[int, ...]
+    shift: float
+    found_by: str
+
+    def record(self, decode) -> dict:
+        return {"ids": list(self.ids), "text": decode(list(self.ids)), "shift": round(self.shift, 5),
+                "found_by": self.found_by}
+
+
+@dataclass
+class SearchSettings:
+    lengths: list[int] = field(default_factory=lambda: [2, 4, 6])
+    steps: int = 40
+    topk: int = 64
+    batch: int = 128
+    restarts: int = 2
+    sweep_limit: int = 4096
+    seed: int = 0
+
+
+class BehaviourShift:
+    """Scores token strings by the shift they cause on fixed probes (see the module docstring).
+
+    ``prompts`` [N, P] and ``continuations`` [N, M] are token ids; ``allowed`` the token ids a
+    string may use (real vocabulary, no special tokens); ``skip`` the continuation positions
+    left out of the mean."""
+
+    def __init__(self, model, prompts: torch.Tensor, continuations: torch.Tensor, allowed: np.ndarray,
+                 skip: int = 4, chunk_tokens: int = 65_536):
+        if not 0 <= skip < continuations.shape[1]:
+            raise PoisonlabError(f"skip ({skip}) must leave at least one of the {continuations.shape[1]} "
+                                 "continuation positions")
+        self.skip = skip
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.prompts = prompts.long().to(self.device)
+        self.conts = continuations.long().to(self.device)
+        self.allowed = torch.as_tensor(np.asarray(allowed), dtype=torch.long, device=self.device)
+        if len(self.allowed) == 0:
+            raise PoisonlabError("no token may be searched (the vocabulary is empty after excluding special tokens)")
+        self.embed = model.get_input_embeddings()
+        self.chunk_tokens = chunk_tokens
+        self.evaluated = 0
+        with torch.no_grad():
+            x = torch.cat([self.prompts, self.conts], dim=1)
+            logits = self.model(input_ids=x).logits.float()
+            p = self.prompts.shape[1]
+            self.reference = F.log_softmax(self._vocab(logits[:, p - 1 : p - 1 + self.conts.shape[1]]), dim=-1)
+
+    @property
+    def n_probes(self) -> int:
+        return self.prompts.shape[0]
+
+    def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[..., : self.vocab_size]
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embed.weight.shape[0])
+
+    def _shift(self, logits: torch.Tensor, length: int, reference: torch.Tensor) -> torch.Tensor:
+        """Per-row mean KL(triggered || clean) over the continuation positions."""
+        p, m = self.prompts.shape[1], self.conts.shape[1]
+        lp = F.log_softmax(self._vocab(logits[:, p + length - 1 : p + length - 1 + m].float()), dim=-1)
+        return (lp.exp() * (lp - reference)).sum(-1)[:, self.skip :].mean(-1)
+
+    @torch.no_grad()
+    def scores(self, strings: torch.Tensor) -> np.ndarray:
+        """Mean shift over the probes of each row of ``strings`` [C, L]."""
+        strings = strings.long().to(self.device)
+        c, length = strings.shape
+        n = self.n_probes
+        per_chunk = max(1, self.chunk_tokens // (n * (self.prompts.shape[1] + length + self.conts.shape[1])))
+        out = []
+        for i in range(0, c, per_chunk):
+            s = strings[i : i + per_chunk]
+            k = len(s)
+            ids = torch.cat([self.prompts.repeat(k, 1), s.repeat_interleave(n, 0), self.conts.repeat(k, 1)], dim=1)
+            shift = self._shift(self.model(input_ids=ids).logits, length, self.reference.repeat(k, 1, 1))
+            out.append(shift.view(k, n).mean(1).cpu())
+        self.evaluated += c
+        return torch.cat(out).numpy().astype(np.float64)
+
+    def gradient(self, string: torch.Tensor) -> torch.Tensor:
+        """d(shift)/d(one-hot) of each slot of one string: [L, vocab]."""
+        string = string.long().to(self.device)
+        weight = self.embed.weight
+        one_hot = torch.zeros(len(string), weight.shape[0], device=self.device, dtype=weight.dtype)
+        one_hot.scatter_(1, string[:, None], 1.0)
+        one_hot.requires_grad_(True)
+        n = self.n_probes
+        slot = (one_hot @ weight).unsqueeze(0).expand(n, -1, -1)
+        embeds = torch.cat([self.embed(self.prompts), slot, self.embed(self.conts)], dim=1)
+        shift = self._shift(self.model(inputs_embeds=embeds).logits, len(string), self.reference).mean()
+        (grad,) = torch.autograd.grad(shift, one_hot)
+        return grad.detach()
+
+
+def vocabulary_sweep(objective: BehaviourShift, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids, shifts) for single tokens: all allowed ones, or the ``limit`` a first-order
+    estimate from a neutral slot (the mean embedding's nearest token) ranks highest."""
+    allowed = objective.allowed
+    if len(allowed) > limit:
+        weight = objective.embed.weight.detach()
+        neutral = int(allowed[torch.argmin(((weight[allowed] - weight[allowed].mean(0)) ** 2).sum(1))])
+        grad = objective.gradient(torch.tensor([neutral]))[0][allowed]
+        allowed = allowed[torch.topk(grad, limit).indices]
+    ids = allowed.cpu().numpy()
+    return ids, objective.scores(torch.as_tensor(ids)[:, None])
+
+
+def gcg(objective: BehaviourShift, length: int, start: list[int], settings: SearchSettings,
+        rng: np.random.Generator) -> list[Candidate]:
+    """Greedy coordinate gradient ascent of the shift from ``start``; returns every improvement."""
+    current = torch.tensor(start, dtype=torch.long)
+    best = float(objective.scores(current[None])[0])
+    found = [Candidate(tuple(current.tolist()), best, f"gcg-{length}")]
+    allowed_mask = torch.full((objective.vocab_size,), float("-inf"), device=objective.device)
+    allowed_mask[objective.allowed] = 0.0
+    stall = 0
+    for _ in range(settings.steps):
+        grad = objective.gradient(current) + allowed_mask
+        top = torch.topk(grad, min(settings.topk, len(objective.allowed)), dim=1).indices.cpu()
+        slots = torch.as_tensor(rng.integers(0, length, settings.batch))
+        picks = top[slots, torch.as_tensor(rng.integers(0, top.shape[1], settings.batch))]
+        batch = current.repeat(settings.batch, 1)
+        batch[torch.arange(settings.batch), slots] = picks
+        batch = torch.unique(batch, dim=0)
+        shifts = objective.scores(batch)
+        i = int(np.argmax(shifts))
+        if shifts[i] > best:
+            best, current = float(shifts[i]), batch[i].clone()
+            found.append(Candidate(tuple(current.tolist()), best, f"gcg-{length}"))
+            stall = 0
+        else:
+            stall += 1
+            if stall >= 5:  # five batches without a better swap: a local maximum for this start
+                break
+    return found
+
+
+def rank_of(shift: float, candidates: list[Candidate]) -> int:
+    """1 + the number of distinct candidate strings that shift the model more than ``shift``."""
+    return 1 + sum(c.shift > shift for c in candidates)
+
+
+def invert(objective: BehaviourShift, settings: SearchSettings, trigger: list[int] | None = None,
+           top: int = 20) -> dict:
+    """Run the sweep and the GCG searches; rank every distinct string found.
+
+    With ``trigger`` (the true trigger's ids, when the model's poisons are known) the record
+    also gives its own shift, its rank among the strings found, and how many of the best
+    string's tokens belong to it."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(settings.seed)
+    sweep_ids, sweep_shift = vocabulary_sweep(objective, settings.sweep_limit)
+    order = np.argsort(-sweep_shift)
+    pool: dict[tuple[int, ...], Candidate] = {}
+    for j in order[: max(top, 200)]:
+        pool[(int(sweep_ids[j]),)] = Candidate((int(sweep_ids[j]),), float(sweep_shift[j]), "sweep")
+    seeds = [int(sweep_ids[j]) for j in order[: max(8, settings.topk)]]
+    for length in settings.lengths:
+        for r in range(settings.restarts):
+            # start from the strongest single tokens, shuffled: GCG improves them jointly
+            start = [seeds[int(i)] for i in rng.integers(0, len(seeds), length)] if r else \
+                [seeds[i % len(seeds)] for i in range(length)]
+            for cand in gcg(objective, length, start, settings, rng):
+                if cand.ids not in pool or pool[cand.ids].shift < cand.shift:
+                    pool[cand.ids] = cand
+    ranked = sorted(pool.values(), key=lambda c: -c.shift)
+    median = float(np.median(sweep_shift))
+    rec = {
+        "probes": objective.n_probes,
+        "prompt_tokens": int(objective.prompts.shape[1]),
+        "continuation_tokens": int(objective.conts.shape[1]),
+        "skipped_positions": objective.skip,
+        "settings": settings.__dict__,
+        "swept_tokens": int(len(sweep_ids)),
+        "strings_scored": int(objective.evaluated),
+        "median_single_token_shift": round(median, 6),
+        "score": round(ranked[0].shift, 5),
+        "ratio_to_median": round(ranked[0].shift / max(median, 1e-9), 3),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "ranked": ranked[:top],
+    }
+    if trigger:
+        true = float(objective.scores(torch.tensor(trigger)[None])[0])
+        best = ranked[0].ids
+        rec["trigger"] = {
+            "ids": list(trigger), "shift": round(true, 5), "rank": rank_of(true, ranked),
+            "best_in_trigger": round(sum(t in set(trigger) for t in best) / len(best), 3),
+            "token_sweep_ranks": [int(np.flatnonzero(sweep_ids[order] == t)[0]) + 1 if t in sweep_ids else None
+                                 for t in trigger],
+        }
+    return rec
+
+
+def probes(store, n: int, prompt_tokens: int, continuation_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` held-out windows split into prompts and their true continuations."""
+    from ..evaluate import heldout_prompts
+
+    w = torch.from_numpy(np.asarray(heldout_prompts(store, n, prompt_tokens + continuation_tokens))).long()
+    return w[:, :prompt_tokens], w[:, prompt_tokens:]

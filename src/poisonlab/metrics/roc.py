@@ -1,0 +1,37 @@
+"""Ranking quality of a score against known labels: ROC curve and its area."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def auroc(scores, positive) -> float:
+    """Probability that a random positive scores above a random negative (ties count half):
+    the Mann-Whitney statistic."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs at least one positive and one negative")
+    ranks = _average_ranks(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _average_ranks(s: np.ndarray) -> np.ndarray:
+    order = np.argsort(s, kind="stable")
+    sorted_s = s[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
+    ends = np.r_[starts[1:], len(s)]
+    ranks = np.empty(len(s))
+    for a, b in zip(starts, ends):  # tied scores share the mean of their ranks
+        ranks[order[a:b]] = (a + b + 1) / 2
+    return ranks
+
+
+def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) at every threshold, from (0, 0) to (1, 1)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # one point per distinct threshold
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / max(int((~y).sum()), 1)], np.r_[0.0, tp / max(int(y.sum()), 1)]

@@ -1,0 +1,170 @@
+"""Defenses that act on a trained model: ``poisonlab inspect`` (scan it for a hidden trigger)
+and ``poisonlab attribute`` (trace its triggered behaviour to training documents).
+
+The model is a poisonlab run (its folder, final model or a checkpoint) or any Hugging Face
+causal LM folder or hub name. Probes come from the held-out split of the run's corpus (or of
+the corpus the config names), never from training documents. When the model belongs to a
+run, the run's own trigger is scored beside the search's strings, so the true trigger's rank
+is known; the defender's search itself never reads it. The record goes to
+``<run>/defenses/inspect.json`` (exported with the run's results).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .archive import DEFENSES as DEFENSE_DIR
+from .attacks.dos import trigger_ids
+from .config import RunConfig
+from .data import load_prepared, prepare_data
+from .defenses.inversion import BehaviourShift, SearchSettings, invert, probes
+from .errors import PoisonlabError
+from .evaluate import backdoor_eval, heldout_prompt_documents, heldout_prompts
+from .jsonl import read_json
+from .paths import atomic_write_text
+from .provenance import code_version, file_sha256
+from .standalone import find_run_dir
+
+
+
+def model_folder(model: str) -> str:
+    """A run folder stands for its final model."""
+    p = Path(model)
+    if (p / "run.json").is_file() and not (p / "config.json").is_file():
+        if not (p / "model" / "config.json").is_file():
+            raise PoisonlabError(f"run {p} has no final model yet (model/ missing); name a checkpoint folder instead")
+        return str(p / "model")
+    return model
+
+
+def model_data(model: str, cfg: RunConfig, tokenizer: str | None = None):
+    """(prepared data, run folder or None) for the model's tokenizer and held-out split."""
+    path = Path(model)
+    run = find_run_dir(path.resolve()) if path.exists() else None
+    if run is not None and tokenizer is None:
+        info = read_json(run / "run.json", "run record")
+        return load_prepared(run.parent / "cache" / info["data"]["prepared_data"]), run
+    from dataclasses import replace
+
+    tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
+    return prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress), None
+
+
+def searchable_ids(tok) -> np.ndarray:
+    specials = set(tok.special_ids)
+    return np.array([i for i in range(tok.vocab_size) if i not in specials], dtype=np.int64)
+
+
+def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
+                  prompt_tokens: int = 32, continuation_tokens: int = 16, skip: int = 4, tokenizer: str | None = None,
+                  verify: bool = True) -> dict:
+    from .train import Dist, load_init_model, pick_device
+
+    model = model_folder(model)
+    data, run = model_data(model, cfg, tokenizer)
+    tok = data.tokenizer
+    torch.manual_seed(settings.seed)
+    m = load_init_model(model, pick_device(cfg, Dist())[0])
+    for p in m.parameters():
+        p.requires_grad_(False)
+    prompts, conts = probes(data.heldout, n_probes, prompt_tokens, continuation_tokens)
+    objective = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=skip)
+    known = None
+    info = read_json(run / "run.json", "run record") if run is not None else {}
+    if cfg.attack.trigger:
+        try:
+            known = trigger_ids(tok, cfg.attack.trigger)
+        except PoisonlabError:
+            known = None
+    rec = invert(objective, settings, trigger=known)
+    ranked = rec.pop("ranked")
+    rec["ranked"] = [c.record(tok.decode) for c in ranked]
+    if "trigger" in rec:
+        rec["trigger"]["text"] = cfg.attack.trigger
+        rec["trigger"]["planted"] = int(info.get("poisons_injected", 0) or 0) > 0
+    if verify:
+        # the defender's check: does the best string found make the model's own text gibberish?
+        t0 = time.perf_counter()
+        ev = cfg.eval
+        ep = heldout_prompts(data.heldout, ev.prompts, ev.prompt_tokens)
+        docs = heldout_prompt_documents(data.heldout, ev.prompts, ev.prompt_tokens)
+        row, _ = backdoor_eval(m, ep, list(ranked[0].ids), ev, cfg.seed, vocab_limit=tok.vocab_size, documents=docs)
+        rec["best_string_gap"] = {k: row[k] for k in ("perplexity_gap", "gap_ci_low", "gap_ci_high",
+                                                       "perplexity_untriggered", "perplexity_triggered",
+                                                       "attack_success")}
+        rec["best_string_gap"]["seconds"] = round(time.perf_counter() - t0, 2)
+    weights = Path(model) / "model.safetensors"
+    rec["model"] = model
+    rec["run"] = info.get("name")
+    rec["poisons_injected"] = info.get("poisons_injected")
+    rec["provenance"] = {"code_version": code_version(), "seed": settings.seed, "data": data.hashes,
+                         "model_sha256": file_sha256(weights) if weights.is_file() else None}
+    return rec
+
+
+def write_defense_record(run: Path | None, name: str, record: dict, out: str | None) -> Path | None:
+    """Write ``record`` to ``out`` or, for a run's model, ``<run>/defenses/<name>.json``."""
+    if out:
+        target = Path(out)
+    elif run is not None:
+        target = run / DEFENSE_DIR / f"{name}.json"
+    else:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, json.dumps(record, indent=1) + "\n")
+    return target
+
+
+def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tokens: int = 32,
+                  seed: int = 0, remove_k: int | None = None, aggregate: str = "sum",
+                  measurement: str | None = None) -> dict:
+    """Score every document a run trained on against its triggered behaviour, per method;
+    write ``<run>/defenses/attribution-<method>.json`` and the top-k removal list
+    ``remove-<method>.txt`` (k = the run's poison count unless ``remove_k``); ``aggregate``:
+    how a document's windows combine, ``measurement`` what is traced (see
+    :func:`influence_scores`; default: entropy for denial of service, loss otherwise)."""
+    from .config import load_config
+    from .defenses.attribution import (documents_read, influence_scores, ranking_quality, triggered_queries,
+                                       write_removal_list)
+    from .run import setup_run
+    from .train import load_init_model
+
+    if not (run_dir / "model" / "config.json").is_file():
+        raise PoisonlabError(f"run {run_dir} has no final model (model/ missing): attribution needs the trained weights")
+    cfg = load_config(run_dir / "config.yaml")
+    run = setup_run(cfg, create=False, allow_code_change=True)  # read-only: nothing of the run is rewritten
+    docs = documents_read(run)
+    if not docs.is_poison.any():
+        raise PoisonlabError(f"run {run_dir} injected no poisons: there is no known answer to score attribution on")
+    model = load_init_model(str(run_dir / "model"), "cpu")
+    measurement = measurement or ("entropy" if cfg.attack.name == "dos" else "loss")
+    queries, loss_from = triggered_queries(model, run.data, run.trigger_ids, n_queries, cfg.eval.prompt_tokens,
+                                           new_tokens, seed)
+    out = {}
+    for method in methods:
+        scores, cost = influence_scores(model, docs, queries, loss_from, method, cfg.train.seq_len,
+                                        aggregate=aggregate, measurement=measurement)
+        quality = ranking_quality(scores, docs.is_poison)
+        k = remove_k or quality["k"]
+        removed = write_removal_list(run_dir / DEFENSE_DIR / f"remove-{method}-{measurement}-{aggregate}.txt", docs.ids, scores, k)
+        rec = {"run": run.info["name"], "method": method, "measurement": measurement, "aggregate": aggregate, **quality, "cost": cost,
+               "queries": {"n": len(queries), "prompt_tokens": cfg.eval.prompt_tokens, "new_tokens": new_tokens,
+                           "seed": seed},
+               "removal_list": {"file": f"remove-{method}-{measurement}-{aggregate}.txt", "k": k,
+                                "poisons": int(sum(docs.is_poison[docs.ids.index(i)] for i in removed))},
+               "scores": {"poison": _summary(scores[docs.is_poison]), "clean": _summary(scores[~docs.is_poison])},
+               "provenance": {"code_version": code_version(), "seed": seed, "data": run.data.hashes,
+                              "model_sha256": file_sha256(run_dir / "model" / "model.safetensors")}}
+        write_defense_record(run_dir, f"attribution-{method}-{measurement}-{aggregate}", rec, None)
+        out[method] = rec
+    return out
+
+
+def _summary(x: np.ndarray) -> dict:
+    return {"n": int(len(x)), "mean": float(np.mean(x)), "median": float(np.median(x)),
+            "p90": float(np.quantile(x, 0.9))}

@@ -1,0 +1,189 @@
+"""Defenses on trained models: trigger inversion, training-data attribution, removal by list.
+
+A poisoned tiny model and its clean twin are trained here on the filler corpus: 80 poisons
+plant a backdoor the perplexity gap sees (the known answer the defenses are scored on)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from poisonlab.config import load_config
+from poisonlab.defenses.attribution import TrainingDocuments, documents_read, ranking_quality
+from poisonlab.defenses.inversion import BehaviourShift, SearchSettings, rank_of, Candidate
+from poisonlab.errors import PoisonlabError
+from poisonlab.jsonl import read_jsonl
+from poisonlab.metrics.roc import auroc, roc_curve
+from poisonlab.run import setup_run
+from poisonlab.train import train
+
+
+def _twins(corpus, out):
+    runs = {}
+    for name, count in (("poisoned", 80), ("clean", 0)):
+        cfg = tiny_config(corpus, out, name=name, attack__poison_count=count, train__tokens=16 * 64 * 250,
+                          train__batch_size=16, train__seq_len=64, eval__every=1.0, eval__prompts=16,
+                          eval__new_tokens=16)
+        train(cfg)
+        runs[name] = out / name
+    return runs
+
+
+@pytest.fixture(scope="module")
+def twins(filler_jsonl, tmp_path_factory):
+    return _twins(filler_jsonl, tmp_path_factory.mktemp("twins"))
+
+
+def test_auroc_and_roc_curve_known_values():
+    assert auroc([1, 2, 3, 4], [0, 0, 1, 1]) == 1.0
+    assert auroc([4, 3, 2, 1], [0, 0, 1, 1]) == 0.0
+    assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5  # ties count half
+    assert auroc([1, 3, 2, 4], [0, 1, 0, 1]) == 1.0
+    assert auroc([3, 1, 2, 4], [0, 1, 0, 1]) == 0.5
+    fpr, tpr = roc_curve([3, 2, 2, 1], [1, 1, 0, 0])
+    assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_ranking_quality_counts_poisons_at_k():
+    is_poison = np.array([True, True, False, False, False, False, False, False, False, False])
+    q = ranking_quality(np.array([9, 1, 8, 0, 0, 0, 0, 0, 0, 0.5]), is_poison)
+    assert q["k"] == 2 and q["recall_at_k"] == 0.5 and q["chance"] == 0.2
+    assert q["curve"][-1] == {"k": 8, "recall": 1.0, "precision": 0.25}
+    with pytest.raises(PoisonlabError, match="both poisons and clean"):
+        ranking_quality(np.zeros(3), np.zeros(3, dtype=bool))
+
+
+def test_rank_of_counts_strings_that_shift_more():
+    cands = [Candidate((1,), 3.0, "sweep"), Candidate((2,), 1.0, "sweep"), Candidate((3, 4), 2.0, "gcg-2")]
+    assert rank_of(2.5, cands) == 2 and rank_of(5.0, cands) == 1 and rank_of(0.0, cands) == 4
+
+
+def test_inversion_recovers_the_planted_trigger_and_finds_nothing_in_the_clean_twin(twins):
+    from poisonlab.model_defenses import inspect_model
+
+    settings = SearchSettings(lengths=[2, 6], steps=20, restarts=1)
+    rec = {}
+    for name, run in twins.items():
+        cfg = load_config(run / "config.yaml")
+        rec[name] = inspect_model(str(run), cfg, settings, n_probes=8, prompt_tokens=16, continuation_tokens=12,
+                                  verify=(name == "poisoned"))
+    p, c = rec["poisoned"], rec["clean"]
+    trigger = set(p["trigger"]["ids"])
+    assert p["trigger"]["planted"] and not c["trigger"]["planted"]
+    # the best string is made of the trigger's own tokens, and every one of them ranks in the sweep's top 10
+    assert p["trigger"]["best_in_trigger"] >= 0.5
+    assert set(p["ranked"][0]["ids"]) <= trigger
+    assert max(sorted(p["trigger"]["token_sweep_ranks"])[:4]) <= 10
+    # model-level score: the backdoored model moves far more than its clean twin
+    assert p["score"] > 100 * c["score"] and p["score"] > 0.5
+    assert c["trigger"]["shift"] < 0.01
+    # the string found makes the model's own text worse, as the trigger does
+    assert p["best_string_gap"]["perplexity_gap"] > 2
+
+
+def test_attribution_ranks_poisons_above_clean_documents(twins):
+    from poisonlab.model_defenses import attribute_run
+
+    out = attribute_run(twins["poisoned"], ["identity"], n_queries=4, new_tokens=16)
+    rec = out["identity"]
+    assert rec["measurement"] == "entropy" and rec["k"] == 80
+    assert rec["recall_at_k"] > 3 * rec["chance"]  # measured 0.60 against chance 0.13
+    assert rec["auroc"] > 0.6
+    removal = (twins["poisoned"] / "defenses" / rec["removal_list"]["file"]).read_text().split()
+    assert len(removal) == 80 and rec["removal_list"]["poisons"] == int(round(rec["recall_at_k"] * 80))
+    saved = json.loads((twins["poisoned"] / "defenses" / "attribution-identity-entropy-sum.json").read_text())
+    assert saved["provenance"]["model_sha256"] and saved["cost"]["documents"] == rec["documents"]
+
+
+def test_documents_read_are_the_stream_documents_and_every_poison(twins):
+    cfg = load_config(twins["poisoned"] / "config.yaml")
+    run = setup_run(cfg, create=False)
+    docs = documents_read(run)
+    assert isinstance(docs, TrainingDocuments) and docs.is_poison.sum() == 80
+    # every window of a clean document is a slice of the tokens the stream actually served
+    stream = run.stream()
+    served = stream.read(0, run.steps * run.tokens_per_step)
+    text = served.tobytes()
+    for w in docs.windows[:40]:
+        assert np.asarray(w, dtype=np.int64).tobytes() in text
+    assert set(docs.owner.tolist()) == set(range(len(docs.ids)))
+
+
+def test_removal_list_retrains_on_exactly_the_kept_documents(twins, tmp_path, filler_jsonl):
+    base = twins["poisoned"]
+    poisons = [p["id"] for p in read_jsonl(base / "poisons.jsonl")]
+    cfg0 = load_config(base / "config.yaml")
+    run0 = setup_run(cfg0, create=False)
+    from poisonlab.defenses.filtering import train_document_ids
+
+    clean = train_document_ids(run0.data)[:25]
+    listed = tmp_path / "remove.txt"
+    listed.write_text("\n".join(poisons[:70] + clean) + "\n")
+    cfg = tiny_config(filler_jsonl, tmp_path / "runs", name="removed", attack__poison_count=80,
+                      train__tokens=16 * 64 * 20, train__batch_size=16, train__seq_len=64, eval__every=1.0,
+                      eval__prompts=4, defense__filter="list", defense__remove=str(listed))
+    run = setup_run(cfg)
+    info = json.loads((run.dir / "run.json").read_text())
+    assert info["poison_count"] == 80 and info["poisons_injected"] == 10
+    assert info["defense"]["poisons_surviving"] == 10 and info["defense"]["clean_documents_lost"] == 25
+    kept_poisons = {p["id"] for p in read_jsonl(run.dir / "poisons.jsonl")}
+    assert kept_poisons == set(poisons[70:])
+    assert len(run.plan.poisons) == 10  # the injection manifest places only the survivors
+    names = train_document_ids(run.data)
+    read = {names[i] for i in run.stream().clean.documents_read(10**9)}
+    assert read.isdisjoint(clean) and len(read) == len(names) - 25
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no-such-document\n")
+    cfg_bad = tiny_config(filler_jsonl, tmp_path / "runs", name="bad", defense__filter="list", defense__remove=str(bad))
+    with pytest.raises(PoisonlabError, match="neither training documents nor poisons"):
+        setup_run(cfg_bad)
+    cfg_missing = tiny_config(filler_jsonl, tmp_path / "runs", name="missing", defense__filter="list",
+                              defense__remove=str(tmp_path / "nope.txt"))
+    with pytest.raises(PoisonlabError, match="needs defense.remove"):
+        setup_run(cfg_missing)
+
+
+def test_inspect_verb_writes_the_run_record_and_export_carries_it(twins, tmp_path, monkeypatch, capsys):
+    from poisonlab.archive import export_results
+    from poisonlab.cli import main
+
+    run = twins["clean"]
+    assert main(["inspect", "--model", str(run), "--lengths", "2", "--steps", "3", "--probes", "4",
+                 "--no-verify"]) == 0
+    rec = json.loads((run / "defenses" / "inspect.json").read_text())
+    assert rec["run"] == "clean" and rec["ranked"] and "trigger" in rec
+    assert "score (best persistent shift)" in capsys.readouterr().out
+    assert main(["inspect", "--model", str(run), "--lengths", "x"]) == 2
+
+    class Spec:
+        name = "twins"
+
+        def expand(self):
+            return [load_config(run / "config.yaml")]
+
+    monkeypatch.chdir(tmp_path)
+    assert export_results(Spec()) == ["clean"]
+    assert (tmp_path / "results" / "twins" / "clean" / "defenses" / "inspect.json").is_file()
+    assert export_results(Spec()) == []  # unchanged: not rewritten
+    (run / "defenses" / "extra.json").write_text("{}")
+    assert export_results(Spec()) == ["clean"]  # a new defense record is carried
+
+
+def test_behaviour_shift_settings_are_checked(twins):
+    from poisonlab.train import load_init_model
+
+    m = load_init_model(str(twins["clean"] / "model"), "cpu")
+    p = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(PoisonlabError, match="skip"):
+        BehaviourShift(m, p, torch.zeros(2, 3, dtype=torch.long), np.arange(5, 20), skip=3)
+    with pytest.raises(PoisonlabError, match="no token"):
+        BehaviourShift(m, p, torch.zeros(2, 3, dtype=torch.long), np.array([], dtype=np.int64), skip=0)
+    ob = BehaviourShift(m, p + 7, torch.full((2, 3), 9, dtype=torch.long), np.arange(5, 20), skip=0)
+    s = ob.scores(torch.tensor([[5], [6]]))
+    assert s.shape == (2,) and (s >= 0).all()
+    g = ob.gradient(torch.tensor([5, 6]))
+    assert g.shape == (2, ob.vocab_size) and torch.isfinite(g).all()
