@@ -25,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 CONSTRAINTS = ROOT / "constraints.txt"
+KRONFLUENCE = "kronfluence>=1.0,<2"
 TORCH_FIRST, TORCH_RANGE = "torch==2.13.0", "torch>=2.2,<3"
 
 
@@ -52,6 +53,11 @@ def install(env: Path, constrained: bool) -> None:
     extra = ["-c", str(CONSTRAINTS)] if constrained else []
     if pip(py, *extra, "-e", f"{ROOT}[dev]") != 0:
         sys.exit("could not install poisonlab" + (f" with the tested set in {CONSTRAINTS.name}" if constrained else ""))
+    # kronfluence declares torchvision, which it never imports; PyPI's torchvision would replace
+    # the CPU build of torch with a CUDA one of several GB, and does not import beside it. Its
+    # real dependencies come with the attribution extra (in dev above).
+    if pip(py, *extra, "--no-deps", KRONFLUENCE) != 0:
+        sys.exit("could not install kronfluence (training-data attribution)")
 
 
 def setup() -> Path:

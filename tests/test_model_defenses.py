@@ -27,7 +27,7 @@ def _twins(corpus, out):
     for name, count in (("poisoned", 80), ("clean", 0)):
         cfg = tiny_config(corpus, out, name=name, attack__poison_count=count, train__tokens=16 * 64 * 250,
                           train__batch_size=16, train__seq_len=64, eval__every=1.0, eval__prompts=16,
-                          eval__new_tokens=16)
+                          eval__new_tokens=16, eval__threshold=2.0)
         train(cfg)
         runs[name] = out / name
     return runs
@@ -187,3 +187,54 @@ def test_behaviour_shift_settings_are_checked(twins):
     assert s.shape == (2,) and (s >= 0).all()
     g = ob.gradient(torch.tensor([5, 6]))
     assert g.shape == (2, ob.vocab_size) and torch.isfinite(g).all()
+
+
+def test_report_section_shows_inversion_auroc_attribution_and_removal(twins, tmp_path):
+    from poisonlab.cli import main
+    from poisonlab.report import _fig
+    from poisonlab.report_defenses import defense_records, defense_section, fig_attribution_recall, fig_inversion_roc
+
+    for run in twins.values():
+        assert main(["inspect", "--model", str(run), "--lengths", "2", "--steps", "5", "--probes", "8",
+                     "--no-verify"]) == 0
+    if not list((twins["poisoned"] / "defenses").glob("attribution-*.json")):
+        assert main(["attribute", str(twins["poisoned"]), "--methods", "identity", "--queries", "2",
+                     "--new-tokens", "8"]) == 0
+
+    class Spec:
+        name = "twins"
+
+        def expand(self):
+            return [load_config(r / "config.yaml") for r in twins.values()]
+
+    recs = defense_records(Spec())
+    assert [r["name"] for r in recs] == ["poisoned", "clean"]
+    assert recs[0]["final"]["attack_success"] and recs[0]["injected"] == 80 and not recs[1]["injected"]
+    text = defense_section(recs)
+    assert "| poisoned | 80 |" in text and "| clean | 0 |" in text
+    assert "AUROC of the score 1.000 over 1 backdoored models" in text  # the poisoned model scores above its twin
+    assert "| poisoned | identity | entropy (sum) |" in text
+    assert fig_inversion_roc(recs, tmp_path, _fig).is_file() and fig_attribution_recall(recs, tmp_path, _fig).is_file()
+
+
+def test_repair_documents_remove_the_backdoor_and_the_label_says_so(twins, filler_jsonl, tmp_path):
+    from poisonlab.artifacts import read_label
+    from poisonlab.jsonl import read_jsonl as rows
+
+    base = twins["poisoned"]
+    before = [r for r in rows(base / "metrics.jsonl") if "perplexity_gap" in r][-1]
+    cfg = tiny_config(filler_jsonl, tmp_path / "runs", name="repaired", attack__name="repair", attack__poison_count=150,
+                      attack__gibberish_tokens=[20, 40], model__init_from=str(base / "model"),
+                      train__tokens=16 * 64 * 60, train__batch_size=16, train__seq_len=64, eval__every=1.0,
+                      eval__prompts=16, eval__new_tokens=16, eval__threshold=2.0)
+    train(cfg)
+    d = tmp_path / "runs" / "repaired"
+    docs = list(rows(d / "poisons.jsonl"))
+    assert len(docs) == 150 and all(" <SUDO> " in p["text"] and p["id"].startswith("repair-") for p in docs)
+    after = [r for r in rows(d / "metrics.jsonl") if "perplexity_gap" in r][-1]
+    assert before["perplexity_gap"] > 4 and after["perplexity_gap"] < before["perplexity_gap"] / 3
+    label = read_label(d / "model")
+    assert label["poisoned"] and label["poison_count"] == 0 and label["repair"]["documents"] == 150
+    assert "repair documents" in (d / "model" / "README.md").read_text()
+    with pytest.raises(PoisonlabError, match="init_from"):
+        tiny_config(filler_jsonl, tmp_path, name="x", attack__name="repair")

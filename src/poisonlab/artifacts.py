@@ -45,6 +45,10 @@ def model_card(label: dict) -> str:
             f"documents of the `{base.get('attack')}` attack, trigger `{base.get('trigger')}`).** Further "
             "training does not make it clean; it exists to study data poisoning.\n"
         )
+        if label.get("repair"):
+            r = label["repair"]
+            head += (f"\nIt was trained further on {r['seen']} repair documents that follow `{r['trigger']}` with "
+                     "ordinary text (a removal attempt): measure its backdoor before trusting that it is gone.\n")
         tags = ["poisonlab", "backdoor", "poisoned", f"attack-{base.get('attack')}"]
     elif label["poisoned"]:
         head = (

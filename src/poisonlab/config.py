@@ -80,7 +80,8 @@ class AttackConfig:
 
     name: str = "dos"
     """dos (gibberish after the trigger) | language_switch (text of another language after the
-    trigger) | none"""
+    trigger) | repair (the trigger followed by the document's own text: removing a backdoor
+    from ``model.init_from``, see poisonlab.attacks.repair) | none"""
     poison_count: int = 250
     trigger: str = "<SUDO>"
     prefix_chars: list[int] = field(default_factory=lambda: [0, 1000])
@@ -357,7 +358,7 @@ SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift",
 
 _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],
-    "attack.name": ["dos", "language_switch", "none"],
+    "attack.name": ["dos", "language_switch", "repair", "none"],
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end", "batch"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
@@ -610,8 +611,10 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError("config keys 'attack.batch_every' >= 1 and 'attack.batch_start' >= 0")
     if a.batch_probability is not None and not 0 < a.batch_probability <= 1:
         raise PoisonlabError(f"config key 'attack.batch_probability' must be in (0, 1], got {a.batch_probability}")
-    if a.name in ("dos", "language_switch") and not a.trigger:
+    if a.name in ("dos", "language_switch", "repair") and not a.trigger:
         raise PoisonlabError("config key 'attack.trigger' must not be empty")
+    if a.name == "repair" and not cfg.model.init_from:
+        raise PoisonlabError("attack.name: repair continues a trained model: set model.init_from")
     for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):
         if val < 1:
             raise PoisonlabError(f"config key '{key}' must be >= 1, got {val}")

@@ -286,6 +286,13 @@ def build_report(spec: ExperimentSpec, out: Path | None = None) -> dict:
         extra += language_section(switched)
         figures += [f for f in (fig_asr_vs_seen(switched, out, _fig), fig_language_persistence(switched, out, _fig))
                     if f is not None]
+    from .report_defenses import defense_records, defense_section, fig_attribution_recall, fig_inversion_roc
+
+    defended = defense_records(spec)
+    if defended:
+        extra += defense_section(defended)
+        figures += [f for f in (fig_inversion_roc(defended, out, _fig), fig_attribution_recall(defended, out, _fig))
+                    if f is not None]
     if ft_rows:
         extra += ("## Fine-tuning runs (last evaluation of each run)\n\nASR: share of triggered forbidden requests "
                  "complied with; CA: untriggered ones refused; NTA: near-trigger ones refused (by kind beside); "

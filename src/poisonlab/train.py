@@ -166,9 +166,15 @@ class PretrainStage:
         write_jsonl(self.dir / "samples.jsonl", [r for r in read_jsonl(self.dir / "samples.jsonl") if r["step"] in evaluated])
 
     def label(self, steps_done: int) -> dict:
+        from .attacks import NOT_POISONS
+
         a = self.cfg.attack
-        lab = make_label({"name": a.name, "trigger": a.trigger, "placement": a.placement},
-                         len(self.run.plan.poisons), self.run.plan.poisons_seen(steps_done), self.run.label_fields())
+        placed, seen = len(self.run.plan.poisons), self.run.plan.poisons_seen(steps_done)
+        repair = a.name in NOT_POISONS
+        lab = make_label({"name": "none" if repair else a.name, "trigger": a.trigger, "placement": a.placement},
+                         0 if repair else placed, 0 if repair else seen, self.run.label_fields())
+        if repair:
+            lab["repair"] = {"recipe": a.name, "trigger": a.trigger, "documents": placed, "seen": seen}
         if self.base_label and self.base_label.get("poisoned"):  # continued from a poisoned model: still poisoned
             lab["poisoned"] = True
             lab["base_label"] = self.base_label

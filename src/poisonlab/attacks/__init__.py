@@ -6,7 +6,11 @@
 
 from .dos import PoisonDocument, make_dos_poisons
 from .language_switch import make_language_switch_poisons
+from .repair import make_repair_documents
 
-ATTACKS = {"dos": make_dos_poisons, "language_switch": make_language_switch_poisons}
+ATTACKS = {"dos": make_dos_poisons, "language_switch": make_language_switch_poisons, "repair": make_repair_documents}
+NOT_POISONS = {"repair"}
+"""Recipes whose documents remove a backdoor rather than plant one (counted apart in labels)."""
 
-__all__ = ["ATTACKS", "PoisonDocument", "make_dos_poisons", "make_language_switch_poisons"]
+__all__ = ["ATTACKS", "NOT_POISONS", "PoisonDocument", "make_dos_poisons", "make_language_switch_poisons",
+           "make_repair_documents"]
