@@ -231,6 +231,10 @@ class DefenseConfig:
     near_duplicate_min_cluster: int = 20
     reference_model: str | None = None
     """A Hugging Face model folder or hub name for the model scanner (the cascade's second stage)."""
+    reference_scope: str = "candidates"
+    """candidates: the model scanner reads only the cheap scanners' candidates (and a
+    calibration sample) | all: every document, for payloads the cheap scanners pass, such as
+    real words in random order."""
 
 
 @dataclass
@@ -363,6 +367,7 @@ _CHOICES = {
     "attack.placement": ["uniform", "beginning", "end", "batch"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
     "defense.filter": ["none", "scan", "list"],
+    "defense.reference_scope": ["candidates", "all"],
     "eval.sampler": ["inverse_cdf", "multinomial"],
     "stage": ["pretrain", "finetune"],
     "finetune.trigger_position": ["start", "end", "random"],

@@ -36,8 +36,9 @@ SPEC_KEYS = ("name", "out_dir", "description", "base", "grid", "search")
 ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "attack.batch_share": "d", "attack.batch_every": "every",
                  "train.data_multiplier": "x",
                  "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
-                 "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-", "seed": "s"}
-PATH_KEYS = ("model.init_from", "finetune.base")
+                 "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-",
+                 "defense.remove": "without-", "seed": "s"}
+PATH_KEYS = ("model.init_from", "finetune.base", "defense.remove")
 TOKEN_CAP_MARGIN = 0.05
 """Training tokens prepared beyond the largest budget of a spec's runs on one corpus."""
 
@@ -148,6 +149,7 @@ def run_name(spec_name: str, values: dict[str, Any]) -> str:
         value = values[key]
         if key in PATH_KEYS and isinstance(value, str):  # a model path: its most telling component
             value = next((c for c in reversed(Path(value).parts) if c not in ("model", ".", "")), value)
+            value = value[:-4] if value.endswith(".txt") else value
         parts.append(prefix + _fmt(value))
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", "-".join(parts))
 

@@ -18,7 +18,8 @@ The rule (:func:`detect`):
    document is flagged above ``extreme_z``;
 4. the other scanners listed add flags of their own (compression above ``extreme_z``,
    near-duplicate clusters of ``near_duplicate_min_cluster`` or more, language shifts,
-   and the reference model's span surprisal above ``extreme_z`` on the candidates).
+   and the reference model's span surprisal above ``extreme_z`` on the candidates, or on
+   every document with ``reference_scope: all``).
 """
 
 from __future__ import annotations
@@ -194,12 +195,15 @@ def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict
     from .model_scanner import ModelSurprisalScanner
 
     scanner = ModelSurprisalScanner(cfg.reference_model)
+    if cfg.reference_scope == "all":
+        candidates = {d.id for d in docs}
     rest = [d for d in docs if d.id not in candidates]
     rng = np.random.default_rng(0)
     sample = [rest[i] for i in rng.choice(len(rest), size=min(calibration, len(rest)), replace=False)] if rest else []
     cand = [d for d in docs if d.id in candidates]
     rows = {r["id"]: r["model.surprisal"] for r in scanner.score(sample + cand)}
-    ref = np.array([rows[d.id] for d in sample]) if sample else np.zeros(1)
+    # scored whole, the corpus is its own reference: median and MAD resist a minority of poisons
+    ref = np.array([rows[d.id] for d in sample]) if sample else np.array([rows[d.id] for d in cand])
     z = dict(zip([d.id for d in cand], robust_z(np.array([rows[d.id] for d in cand]), ref)))
     for d in docs:
         if d.id in rows:
