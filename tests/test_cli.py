@@ -7,8 +7,8 @@ from poisonlab.cli import build_parser, main
 from poisonlab.config import TrainConfig
 
 VERBS = ["models", "corpus", "poison", "train", "finetune", "export", "sft-export", "sft-eval", "eval", "sweep", "results",
-         "report", "scan", "defend", "provenance", "demo"]
-CONFIG_VERBS = {"corpus", "poison", "train", "finetune", "export", "sft-export", "sft-eval", "eval", "scan", "defend", "provenance"}
+         "report", "scan", "defend", "inspect", "attribute", "provenance", "demo"]
+CONFIG_VERBS = {"corpus", "poison", "train", "finetune", "export", "sft-export", "sft-eval", "eval", "inspect", "scan", "defend", "provenance"}
 
 
 def test_the_verb_list_is_complete():
