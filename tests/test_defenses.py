@@ -336,6 +336,10 @@ def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose,
     assert all(r["model.surprisal"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-4) for r in scored)
     assert all(r["flag.model"] == 0 for r in candidates)  # a flat reference flags nothing
     assert all("flag.model" not in r for r in det.table.values() if r not in candidates)
+    wide = DefenseConfig(window=32, scanners=["gibberish", "model"], reference_model=str(tmp_path),
+                         reference_scope="all")
+    det = detect(clean + poisons, wide, tok)  # every document read by the reference model, every one judged
+    assert all("model.surprisal" in r and r["flag.model"] == 0 for r in det.table.values())
 
 
 def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_it():
