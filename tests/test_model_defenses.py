@@ -95,6 +95,8 @@ def test_attribution_ranks_poisons_above_clean_documents(twins):
     assert rec["auroc"] > 0.6
     removal = (twins["poisoned"] / "defenses" / rec["removal_list"]["file"]).read_text().split()
     assert len(removal) == 80 and rec["removal_list"]["poisons"] == int(round(rec["recall_at_k"] * 80))
+    control = attribute_run(twins["poisoned"], ["random"], n_queries=2, new_tokens=8)["random"]
+    assert control["recall_at_k"] < rec["recall_at_k"] and abs(control["auroc"] - 0.5) < 0.15
     saved = json.loads((twins["poisoned"] / "defenses" / "attribution-identity-entropy-sum.json").read_text())
     assert saved["provenance"]["model_sha256"] and saved["cost"]["documents"] == rec["documents"]
 

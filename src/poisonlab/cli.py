@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("attribute", help="trace a run's triggered behaviour to its training documents (kronfluence)")
     s.add_argument("run", help="a run folder with its final model and poisons")
-    s.add_argument("--methods", default="ekfac,identity", help="ekfac (influence functions), identity (gradient dot product)")
+    s.add_argument("--methods", default="ekfac,identity", help="ekfac (influence functions), identity (gradient dot product), random (the control)")
     s.add_argument("--measurement", choices=["loss", "entropy"],
                    help="what is traced: the continuations' loss, or their entropy (default: entropy for dos)")
     s.add_argument("--aggregate", choices=["sum", "mean"], default="sum", help="a document's windows summed or averaged")

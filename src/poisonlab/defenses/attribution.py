@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from ..errors import PoisonlabError
 
-METHODS = ("ekfac", "identity")
+METHODS = ("ekfac", "identity", "random")
+"""``random``: scores drawn at random (seeded): the control a removal list is measured against."""
 
 
 @dataclass
@@ -97,6 +98,7 @@ class _Windows(torch.utils.data.Dataset):
 
 
 MEASUREMENTS = ("loss", "entropy")
+RANDOM_SEED = 0
 
 
 def _task(model, measurement: str = "loss"):
@@ -147,6 +149,14 @@ def influence_scores(model, train: TrainingDocuments, queries: list[np.ndarray],
         raise PoisonlabError(f"unknown aggregate {aggregate!r} (allowed: sum, mean)")
     if method not in METHODS:
         raise PoisonlabError(f"unknown attribution method {method!r} (allowed: {', '.join(METHODS)})")
+    if method == "random":
+        t0 = time.perf_counter()
+        scores = np.random.default_rng(RANDOM_SEED).random(len(train.ids))
+        return scores, {"method": method, "measurement": measurement, "documents": len(train.ids),
+                        "windows": len(train.windows), "seconds": round(time.perf_counter() - t0, 2), "fit_seconds": 0.0,
+                        "seconds_per_1000_documents": 0.0, "peak_rss_increase_mb": 0.0,
+                        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                        "tracked_modules": 0}
     try:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments, ScoreArguments
