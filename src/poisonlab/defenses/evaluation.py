@@ -83,12 +83,9 @@ def confusion(flagged: set[str], poisons: set[str], docs: list[Document]) -> dic
 
 def curves(scores: np.ndarray, labels: np.ndarray) -> dict:
     """ROC and precision-recall curves of a score (higher = more suspicious), with areas."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order].astype(np.float64)
-    distinct = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[distinct]
-    fp = (distinct + 1) - tp
-    P, N = max(y.sum(), 1), max(len(y) - y.sum(), 1)
+    from ..metrics.roc import threshold_counts
+
+    tp, fp, P, N = threshold_counts(scores, labels)
     tpr, fpr = np.r_[0, tp / P], np.r_[0, fp / N]
     precision = np.r_[1, tp / (tp + fp)]
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist(), "precision": precision.tolist(),

@@ -27,11 +27,18 @@ def _average_ranks(s: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
-    """(false-positive rates, true-positive rates) at every threshold, from (0, 0) to (1, 1)."""
+def threshold_counts(scores, positive) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(true positives, false positives) at every distinct threshold, highest score first, and
+    the numbers of positives and negatives (at least 1 each, so rates stay defined)."""
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     order = np.argsort(-s, kind="stable")
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # one point per distinct threshold
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    return np.r_[0.0, fp / max(int((~y).sum()), 1)], np.r_[0.0, tp / max(int(y.sum()), 1)]
+    tp = np.cumsum(y)[last]
+    return tp, (last + 1) - tp, max(int(y.sum()), 1), max(int((~y).sum()), 1)
+
+
+def roc_curve(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates) at every threshold, from (0, 0) to (1, 1)."""
+    tp, fp, n_pos, n_neg = threshold_counts(scores, positive)
+    return np.r_[0.0, fp / n_neg], np.r_[0.0, tp / n_pos]
