@@ -12,14 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .archive import DEFENSES, run_folder
-from .jsonl import read_json, read_jsonl
+from .jsonl import read_json
 from .metrics.roc import auroc, roc_curve
-
-
-def _final_gap(folder: Path) -> dict | None:
-    rows = [r for r in read_jsonl(folder / "metrics.jsonl") if "perplexity_gap" in r] \
-        if (folder / "metrics.jsonl").is_file() else []
-    return rows[-1] if rows else None
+from .report_search import final_evaluation
 
 
 def defense_records(spec) -> list[dict]:
@@ -36,7 +31,7 @@ def defense_records(spec) -> list[dict]:
         info = read_json(folder / "run.json", "run record") if (folder / "run.json").is_file() else {}
         out.append({"name": cfg.name, "size": cfg.model.size, "seed": cfg.seed, "poisons": cfg.attack.poison_count,
                     "injected": info.get("poisons_injected"), "filter": cfg.defense.filter,
-                    "defense": info.get("defense"), "final": _final_gap(folder), "inspect": inspect,
+                    "defense": info.get("defense"), "final": final_evaluation(folder), "inspect": inspect,
                     "attribution": attribution})
     return out
 

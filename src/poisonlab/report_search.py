@@ -29,7 +29,7 @@ def _setting(combo: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items()) or "base"
 
 
-def _final(folder: Path) -> dict | None:
+def final_evaluation(folder: Path) -> dict | None:
     """The last evaluation of a finished run (None for a run still under way)."""
     if not (folder / "DONE").is_file():
         return None
@@ -64,10 +64,10 @@ def search_rows(spec) -> list[dict]:
             row.update(lowest_success=None, highest_failure=None, half_success=None, counts_tried=sorted({c for c, _ in obs}))
         # the clean twins of this setting, and the runs at the smallest succeeding count
         twins = [replace_count(t, spec, combo=st.combo, seed=s) for s in target.search.seeds]
-        clean = [f for f in (_final(run_folder(spec, c)) for c in twins) if f]
+        clean = [f for f in (final_evaluation(run_folder(spec, c)) for c in twins) if f]
         at = [c for c in st.runs if row.get("lowest_success") is not None
               and c.attack.poison_count == row["lowest_success"]]
-        poisoned = [f for f in (_final(run_folder(spec, c)) for c in at) if f]
+        poisoned = [f for f in (final_evaluation(run_folder(spec, c)) for c in at) if f]
         per_poison = next((p for p in (_poison_tokens(run_folder(spec, c)) for c in at) if p), None)
         if row.get("lowest_success") and per_poison:
             row["poison_share"] = row["lowest_success"] * per_poison / budget
