@@ -21,14 +21,13 @@ import torch
 from .archive import DEFENSES as DEFENSE_DIR
 from .attacks.dos import trigger_ids
 from .config import RunConfig
-from .data import load_prepared, prepare_data
 from .defenses.inversion import BehaviourShift, SearchSettings, invert, probes
 from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_prompt_documents, heldout_prompts
 from .jsonl import read_json
 from .paths import atomic_write_text
 from .provenance import code_version, file_sha256
-from .standalone import find_run_dir
+from .standalone import model_data
 
 
 
@@ -40,19 +39,6 @@ def model_folder(model: str) -> str:
             raise PoisonlabError(f"run {p} has no final model yet (model/ missing); name a checkpoint folder instead")
         return str(p / "model")
     return model
-
-
-def model_data(model: str, cfg: RunConfig, tokenizer: str | None = None):
-    """(prepared data, run folder or None) for the model's tokenizer and held-out split."""
-    path = Path(model)
-    run = find_run_dir(path.resolve()) if path.exists() else None
-    if run is not None and tokenizer is None:
-        info = read_json(run / "run.json", "run record")
-        return load_prepared(run.parent / "cache" / info["data"]["prepared_data"]), run
-    from dataclasses import replace
-
-    tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
-    return prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress), None
 
 
 def searchable_ids(tok) -> np.ndarray:
@@ -145,6 +131,7 @@ def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tok
     measurement = measurement or ("entropy" if cfg.attack.name == "dos" else "loss")
     queries, loss_from = triggered_queries(model, run.data, run.trigger_ids, n_queries, cfg.eval.prompt_tokens,
                                            new_tokens, seed)
+    is_poison = dict(zip(docs.ids, docs.is_poison.tolist()))
     out = {}
     for method in methods:
         scores, cost = influence_scores(model, docs, queries, loss_from, method, cfg.train.seq_len,
@@ -156,7 +143,7 @@ def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tok
                "queries": {"n": len(queries), "prompt_tokens": cfg.eval.prompt_tokens, "new_tokens": new_tokens,
                            "seed": seed},
                "removal_list": {"file": f"remove-{method}-{measurement}-{aggregate}.txt", "k": k,
-                                "poisons": int(sum(docs.is_poison[docs.ids.index(i)] for i in removed))},
+                                "poisons": int(sum(is_poison[i] for i in removed))},
                "scores": {"poison": _summary(scores[docs.is_poison]), "clean": _summary(scores[~docs.is_poison])},
                "provenance": {"code_version": code_version(), "seed": seed, "data": run.data.hashes,
                               "model_sha256": file_sha256(run_dir / "model" / "model.safetensors")}}

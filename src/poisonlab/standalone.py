@@ -52,16 +52,22 @@ def config_for(model: str, config_file: str | None, overrides: dict) -> RunConfi
     return cfg
 
 
-def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> dict:
-    check_source(model, "model")
+def model_data(model: str, cfg: RunConfig, tokenizer: str | None = None):
+    """(prepared data, run folder or None): a run's model reads its run's prepared data; any
+    other model (or another ``tokenizer``) the config's corpus prepared with its tokenizer."""
     path = Path(model)
     run = find_run_dir(path.resolve()) if path.exists() else None
     if run is not None and tokenizer is None:
         info = read_json(run / "run.json", "run record")
-        data = load_prepared(run.parent / "cache" / info["data"]["prepared_data"])
-    else:
-        tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
-        data = prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress)
+        return load_prepared(run.parent / "cache" / info["data"]["prepared_data"]), run
+    tok_cfg = replace(cfg.tokenizer, name=tokenizer or model)
+    return prepare_data(cfg.corpus, tok_cfg, Path(cfg.out_dir) / "cache", progress=cfg.train.progress), None
+
+
+def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> dict:
+    check_source(model, "model")
+    path = Path(model)
+    data, _ = model_data(model, cfg, tokenizer)
     tok = data.tokenizer
     m = load_init_model(model, pick_device(cfg, Dist())[0])
     trigger = trigger_ids(tok, cfg.attack.trigger)
