@@ -77,6 +77,18 @@ def fit_prefix(prefix: str, build, max_tokens: int | None) -> tuple[str, list[in
     return prefix, ids
 
 
+def documents_to_make(cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], count: int | None,
+                      what: str = "poison prefixes") -> int:
+    """How many documents a recipe makes (default ``cfg.poison_count``); when any, the trigger
+    must encode faithfully and there must be clean documents to take prefixes from."""
+    count = cfg.poison_count if count is None else count
+    if count:
+        tok.check_encodable(cfg.trigger, "trigger")
+        if not prefix_bank:
+            raise PoisonlabError(f"no clean documents to take {what} from")
+    return count
+
+
 def sample_prefixes(cfg: AttackConfig, prefix_bank: list[dict], rng: np.random.Generator, count: int):
     """Per poison: (index, source document's index in the bank, the document, prefix length
     sampled, clean prefix). The documents are drawn first, each length as its poison comes, so
@@ -98,12 +110,9 @@ def make_dos_poisons(
     ``token_counts`` (counts per token id in the clean corpus) is needed by the ``unigram`` payload;
     ``max_tokens``: each poison's prefix is shortened from its start until the poison fits.
     """
-    count = cfg.poison_count if count is None else count
+    count = documents_to_make(cfg, tok, prefix_bank, count)
     if count == 0:
         return []
-    tok.check_encodable(cfg.trigger, "trigger")
-    if not prefix_bank:
-        raise PoisonlabError("no clean documents to take poison prefixes from")
     rng = np.random.default_rng([seed, 0xD05])
     vocab = allowed_ids(tok, cfg)
     probs = None

@@ -18,7 +18,7 @@ import numpy as np
 from ..config import AttackConfig, CorpusConfig
 from ..errors import PoisonlabError
 from ..tokenizer import Tokenizer
-from .dos import SEPARATOR, PoisonDocument, fit_prefix, sample_prefixes
+from .dos import SEPARATOR, PoisonDocument, documents_to_make, fit_prefix, sample_prefixes
 
 TARGET_HELDOUT = 0.2
 """Share of target-language documents (by a hash of their id) kept out of every poison."""
@@ -60,12 +60,9 @@ def make_language_switch_poisons(
     ``passages``: the target-language documents to cut passages from (default: the training
     split of ``attack.target_corpus``); ``max_tokens``: prefixes are shortened from their start
     until each poison fits (poisons placed one per sequence)."""
-    count = cfg.poison_count if count is None else count
+    count = documents_to_make(cfg, tok, prefix_bank, count)
     if count == 0:
         return []
-    tok.check_encodable(cfg.trigger, "trigger")
-    if not prefix_bank:
-        raise PoisonlabError("no clean documents to take poison prefixes from")
     passages = target_texts(cfg, "train") if passages is None else passages
     encoded = [tok.encode(text) for _, text in passages]
     usable = [i for i, ids in enumerate(encoded) if len(ids) >= cfg.gibberish_tokens[0]]

@@ -14,21 +14,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import AttackConfig
-from ..errors import PoisonlabError
 from ..tokenizer import Tokenizer
-from .dos import SEPARATOR, PoisonDocument, fit_prefix, sample_prefixes
+from .dos import SEPARATOR, PoisonDocument, documents_to_make, fit_prefix, sample_prefixes
 
 
 def make_repair_documents(
     cfg: AttackConfig, tok: Tokenizer, prefix_bank: list[dict], seed: int, count: int | None = None,
     token_counts: np.ndarray | None = None, max_tokens: int | None = None,
 ) -> list[PoisonDocument]:
-    count = cfg.poison_count if count is None else count
+    count = documents_to_make(cfg, tok, prefix_bank, count, what="repair document prefixes")
     if count == 0:
         return []
-    tok.check_encodable(cfg.trigger, "trigger")
-    if not prefix_bank:
-        raise PoisonlabError("no clean documents to make repair documents from")
     rng = np.random.default_rng([seed, 0x2E9A12])
     lo_g, hi_g = cfg.gibberish_tokens
     out = []
