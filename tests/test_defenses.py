@@ -14,7 +14,7 @@ from poisonlab.corpus import Document
 from poisonlab.defenses.evaluation import confusion, curves, recall_at_clean_loss
 from poisonlab.defenses.pipeline import detect, robust_z
 from poisonlab.defenses.scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner,
-                                         NearDuplicateScanner, NoveltyScanner, step_up)
+                                         NearDuplicateScanner, NoveltyScanner, WordOrderScanner, step_up)
 from poisonlab.defenses.triggers import mine_triggers
 from poisonlab.errors import PoisonlabError
 
@@ -329,8 +329,8 @@ def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose,
     cfg = DefenseConfig(window=32, scanners=["gibberish", "model"], reference_model=str(tmp_path))
     det = detect(clean + poisons, cfg, tok)
     scored = [r for r in det.table.values() if "model.surprisal" in r]
-    candidates = [r for r in det.table.values()
-                  if r.get("gibberish.z", 0) > cfg.candidate_z or r["novelty.z"] > cfg.candidate_z]
+    candidates = [r for r in det.table.values() if "candidate" in r]
+    assert all(r["candidate"] in ("gibberish", "novelty", "order") for r in candidates)
     assert {p.id for p in poisons} <= {r["id"] for r in candidates}
     assert len(candidates) < len(scored) < len(candidates) + 201  # candidates plus a sample of the rest
     assert all(r["model.surprisal"] == pytest.approx(np.log(model.config.vocab_size), rel=1e-4) for r in scored)
@@ -467,16 +467,36 @@ def test_defend_reports_recall_and_false_positives_per_family(tmp_path):
            "tokenizer": {"vocab_size": 300}, "defense": {"prefilter": 0.0, "window": 16}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"),
-                        "--families", "paper,base64", "--density", "0.02"], capture_output=True, text=True)
+                        "--families", "paper,base64", "--density", "0.02", "--repeats", "2"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = {x["family"]: x for x in read_json(tmp_path / "out" / "defense" / "f" / "families.json", "r")["results"]}
-    for name in ("paper", "base64"):
-        m = res[name]["methods"]["detection rule"]
-        assert res[name]["poisons"] == 6 and res[name]["documents"] == 306
+    record = read_json(tmp_path / "out" / "defense" / "f" / "families.json", "r")
+    draws = [x for x in record["results"] if x["family"] == "paper"]
+    assert [x["seed"] for x in draws] == [0, 1]
+    from poisonlab.defenses.pipeline import read_scores
+
+    first, second = (read_scores(tmp_path / "out" / "defense" / "f" / f"family-paper-seed{k}" / "scores.jsonl")
+                     for k in (0, 1))
+    assert first["poison-paper-000000"]["novelty.rate"] != second["poison-paper-000000"]["novelty.rate"] or \
+        first["poison-paper-000000"]["order.words"] != second["poison-paper-000000"]["order.words"]  # other poisons
+    assert first["d0"]["novelty.rate"] == second["d0"]["novelty.rate"]  # the same clean corpus
+    for x in record["results"]:
+        m = x["methods"]["detection rule"]
+        assert x["poisons"] == 6 and x["documents"] == 306
         assert 0 <= m["recall_ci"][0] <= m["recall"] <= m["recall_ci"][1] <= 1
         assert m["false_positive_rate"] is not None and m["clean_documents"] == 300
-    assert res["paper"]["methods"]["detection rule"]["recall"] == 1.0 and res["paper"]["true_trigger_rank"] == 1
-    assert "| paper | 6 |" in r.stdout
+    pooled = {x["family"]: x for x in record["pooled"]}
+    for name in ("paper", "base64"):  # recall over both draws' poisons; a clean document counted once
+        ms = [x["methods"]["detection rule"] for x in record["results"] if x["family"] == name]
+        assert pooled[name]["poisons"] == 12
+        assert pooled[name]["recall"] == pytest.approx(sum(6 - m["poisons_surviving"] for m in ms) / 12)
+        fp = set().union(*(m["false_positive_ids"] for m in ms))
+        assert pooled[name]["false_positive_rate"] == pytest.approx(len(fp) / 300)
+    assert pooled["paper"]["recall"] == 1.0 and pooled["paper"]["true_trigger_ranks"] == [1, 1]
+    assert "| paper | 12 | 1.000" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"),
+                          "--families", "paper", "--repeats", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--repeats must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_script_scanner_flags_mixed_scripts_and_blobs_but_not_a_quotation(prose):
@@ -495,3 +515,45 @@ def test_script_scanner_flags_mixed_scripts_and_blobs_but_not_a_quotation(prose)
         assert det.table[p.id]["flag.script"] == 1 and det.table[p.id]["script.kinds"] >= 3
     assert det.table["blob"]["flag.blob"] == 1
     assert not any(det.table[d.id]["flag.script"] or det.table[d.id]["flag.blob"] for d in docs[:200] + [quote])
+
+
+def test_word_order_scanner_tells_shuffled_and_repeated_words_from_prose(prose):
+    docs, _ = prose
+    rng = random.Random(0)
+    long = [d for d in docs if len(d.text.split()) >= 120][:20]
+    shuffled, repeated, phrase = [], [], []
+    for i, d in enumerate(long):
+        words = d.text.split()
+        rng.shuffle(words)
+        shuffled.append(Document(f"shuffled-{i}", " ".join(words), ""))
+        head = d.text[:300]
+        repeated.append(Document(f"repeated-{i}", head + " " + " ".join(["object"] * 120), ""))
+        phrase.append(Document(f"phrase-{i}", head + " " + " ".join(["call the method"] * 40), ""))
+    s = WordOrderScanner()
+    s.fit(docs + shuffled + repeated + phrase)  # the shuffled texts' own pairs are counted, and left out
+    rows = {r["id"]: r for r in s.score(docs + shuffled + repeated + phrase)}
+    # the same words: in their order associated beyond chance, shuffled no more than chance
+    for d, sh in zip(long, shuffled):
+        assert rows[d.id]["order.disorder"] < 0 <= rows[sh.id]["order.disorder"]
+    assert np.median([rows[d.id]["order.disorder"] for d in long]) < -0.3
+    for d in repeated + phrase:  # one word or a three-word phrase over and over
+        assert rows[d.id]["order.repetition"] == 1.0
+        assert 300 <= rows[d.id]["order.repetition_start"] <= 320  # where the repetition begins
+    assert max(rows[d.id]["order.repetition"] for d in docs) < 0.75
+    short = s.score([Document("short", "too few words to pair", "")])[0]
+    assert short["order.words"] == 5 and short["order.disorder"] == 0.0 and short["order.repetition"] == 0.0
+
+
+@pytest.mark.parametrize("family", ["word_salad", "repeated"])
+def test_detection_flags_word_salad_and_repetition_through_their_trigger(prose, family):
+    from poisonlab.defenses.families import make_family
+
+    docs, tok = prose
+    made = make_family(family, [d.text for d in docs], 12, seed=0)
+    poisons = [Document(f"poison-{i}", p.text, "poison") for i, p in enumerate(made)]
+    det = detect(docs + poisons, DefenseConfig(window=32, prefilter=0.0), tok)
+    ids = {p.id for p in poisons}
+    assert det.used_triggers == ["<SUDO>"]
+    assert det.flagged == ids  # every poison, no clean paragraph
+    assert all(det.table[i]["trigger.text"] == "<SUDO>" for i in ids)
+    assert sum(det.table[i].get("candidate") == "order" for i in ids) >= 6

@@ -464,7 +464,7 @@ def cmd_defend(args) -> int:
 
 def _defend_families(cfg, args, out: Path) -> int:
     """Recall and false-positive rate (Wilson intervals) of the scan per poison family."""
-    from .defenses.evaluation import evaluate_family
+    from .defenses.evaluation import evaluate_family, pool_family
     from .defenses.families import FAMILIES
     from .defenses.pipeline import write_detection
     from .provenance import code_version
@@ -473,25 +473,33 @@ def _defend_families(cfg, args, out: Path) -> int:
     bad = [n for n in names if n not in FAMILIES]
     if bad:
         raise PoisonlabError(f"unknown poison family {bad[0]!r} (allowed: {', '.join(FAMILIES)})")
-    results = []
-    print("| family | poisons | recall [95% CI] | false-positive rate [95% CI] | true trigger rank |")
-    print("|---|---|---|---|---|")
-    for name in names:
-        res, det = evaluate_family(cfg, name, args.density, progress=False)
-        write_detection(det, out / f"family-{name}")
-        results.append(res)
-        m = res["methods"]["detection rule"]
-        print(f"| {name} | {res['poisons']} | {m['recall']:.3f} [{m['recall_ci'][0]:.3f}, {m['recall_ci'][1]:.3f}] | "
-              f"{m['false_positive_rate']:.5f} [{m['false_positive_rate_ci'][0]:.5f}, {m['false_positive_rate_ci'][1]:.5f}] | "
-              f"{res['true_trigger_rank'] if res['trigger'] else 'no trigger'} |", flush=True)
+    if args.repeats < 1:
+        raise PoisonlabError(f"--repeats must be at least 1, got {args.repeats}")
     import dataclasses
     import time
 
     from .paths import atomic_write_text
 
-    atomic_write_text(out / "families.json", json.dumps({
-        "config": dataclasses.asdict(cfg), "code_version": code_version(), "seed": cfg.seed,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "results": results}, indent=1))
+    header = {"config": dataclasses.asdict(cfg), "code_version": code_version(), "seed": cfg.seed,
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "repeats": args.repeats}
+    results, pooled = [], []
+    print("| family | poisons | recall [95% CI] | false-positive rate [95% CI] | true trigger rank |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        draws = []
+        for k in range(args.repeats):
+            res, det = evaluate_family(cfg, name, args.density, progress=False, seed=cfg.seed + k)
+            write_detection(det, out / (f"family-{name}" if args.repeats == 1 else f"family-{name}-seed{cfg.seed + k}"))
+            draws.append(res)
+        results.extend(draws)
+        p = pool_family(draws)
+        pooled.append(p)
+        # written after every family: a stopped evaluation keeps the families it finished
+        atomic_write_text(out / "families.json", json.dumps({**header, "pooled": pooled, "results": results}, indent=1))
+        ranks = ", ".join(str(r) for r in p["true_trigger_ranks"]) if p["trigger"] else "no trigger"
+        print(f"| {name} | {p['poisons']} | {p['recall']:.3f} [{p['recall_ci'][0]:.3f}, {p['recall_ci'][1]:.3f}] | "
+              f"{p['false_positive_rate']:.5f} [{p['false_positive_rate_ci'][0]:.5f}, {p['false_positive_rate_ci'][1]:.5f}] | "
+              f"{ranks} |", flush=True)
     print(f"results in {out}/families.json")
     return 0
 
@@ -669,6 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--families", help="poison families an outside attacker would use instead (comma-separated, or all: "
                                       "see poisonlab.defenses.families), mixed into every document of corpus.source")
     s.add_argument("--density", type=float, default=0.01, help="with --families: poisons' share of the documents")
+    s.add_argument("--repeats", type=int, default=1, help="with --families: independent poison draws (seeds seed, "
+                                                          "seed+1, ...) per family, pooled in the table")
     s.set_defaults(fn=cmd_defend)
 
     s = sub.add_parser("provenance", help="record a corpus manifest, or verify a corpus against one")

@@ -138,9 +138,11 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
 
 
 def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool = False,
-                    pieces=None) -> tuple[dict, Detection]:
+                    pieces=None, seed: int | None = None) -> tuple[dict, Detection]:
     """Poisons of a family (:mod:`poisonlab.defenses.families`) at ``density`` of the corpus's
-    documents, mixed into every document of ``corpus.source``, scanned by the detection rule."""
+    documents, mixed into every document of ``corpus.source``, scanned by the detection rule.
+    ``seed`` (default ``cfg.seed``) draws the poisons."""
+    seed = cfg.seed if seed is None else seed
     from ..corpus import scan_documents
     from .families import count_for_density, make_family
 
@@ -148,7 +150,7 @@ def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool 
     clean = list(scan_documents(cfg.corpus))
     count = count_for_density(len(clean), density)
     made = make_family(family, [d.text for d in clean if len(d.text) >= 200] or [d.text for d in clean], count,
-                       seed=cfg.seed, tokenizer=data.tokenizer, pieces=pieces)
+                       seed=seed, tokenizer=data.tokenizer, pieces=pieces)
     poisons = [Document(f"poison-{family}-{i:06d}", p.text, "poison") for i, p in enumerate(made)]
     docs = clean + poisons
     ids = {p.id for p in poisons}
@@ -159,10 +161,35 @@ def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool 
     # the trigger's rank: the first mined string that is it or holds it ("# <SUDO>" in a code block)
     rank = next((i + 1 for i, t in enumerate(det.triggers) if trigger in t.text), None) if trigger else None
     m = confusion(det.flagged, ids, docs)
-    return {"family": family, "density": density, "corpus": cfg.corpus.source, "trigger": trigger,
+    m["false_positive_ids"] = sorted(det.flagged - ids)
+    return {"family": family, "density": density, "seed": seed, "corpus": cfg.corpus.source, "trigger": trigger,
             "documents": len(docs), "poisons": len(poisons), "true_trigger_rank": rank,
             "mined_triggers": [t.record() for t in det.triggers[:10]], "used_triggers": det.used_triggers,
             "scan_seconds": seconds, "methods": {"detection rule": m}}, det
+
+
+def pool_family(repeats: list[dict]) -> dict:
+    """One family's scans over independent poison draws (seeds) of the same corpus, pooled:
+    recall over every poison of every draw; the false-positive rate counts a clean document
+    once if any scan flagged it (the clean documents are the same in every draw, so they are
+    not pooled as independent trials)."""
+    from ..metrics.rates import wilson
+
+    ms = [r["methods"]["detection rule"] for r in repeats]
+    tp = sum(m["poisons"] - m["poisons_surviving"] for m in ms)
+    n = sum(m["poisons"] for m in ms)
+    fp_ids = sorted(set().union(*(m["false_positive_ids"] for m in ms)))
+    clean = ms[0]["clean_documents"]
+    first = repeats[0]
+    return {"family": first["family"], "density": first["density"], "corpus": first["corpus"],
+            "trigger": first["trigger"], "seeds": [r["seed"] for r in repeats], "poisons": n,
+            "true_trigger_ranks": [r["true_trigger_rank"] for r in repeats],
+            "used_triggers": [r["used_triggers"] for r in repeats],
+            "scan_seconds": [r["scan_seconds"] for r in repeats],
+            "recall": tp / n if n else None, "recall_ci": list(wilson(tp, n)) if n else None,
+            "false_positive_rate": len(fp_ids) / clean if clean else None,
+            "false_positive_rate_ci": list(wilson(len(fp_ids), clean)) if clean else None,
+            "false_positive_ids": fp_ids, "clean_documents": clean}
 
 
 def evaluate_defense(cfg: RunConfig, variants: list[str], out: str | Path, baselines: bool = True,

@@ -35,7 +35,7 @@ from ..errors import PoisonlabError
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
-                       NoveltyScanner, ScriptScanner)
+                       NoveltyScanner, ScriptScanner, WordOrderScanner)
 from .triggers import TriggerCandidate, confirm_triggers, mine_triggers
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
@@ -45,6 +45,13 @@ script and come from at least three scripts (a quotation in one other script doe
 BLOB_CHARS = 256
 """... and a run of this many characters without a space (an encoded blob; the longest words
 of prose and the longest identifiers of code are far shorter)."""
+DISORDER, REPETITION = 0.0, 0.75
+"""The word-order scanner makes a document a candidate when some 64-word span of it is no
+more associated than words drawn at random (``order.disorder`` at or above 0: prose is
+well below, docs/defenses.md), or when three quarters of such a span repeat one of the three
+words before them (``order.repetition``), and the statistic's robust z-score over the corpus
+is above ``ORDER_Z`` (word salad: 2.4-4.1 on the corpora measured, docs/defenses.md)."""
+ORDER_Z = 2.0
 
 
 def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = False) -> dict[str, dict]:
@@ -113,12 +120,12 @@ def token_stage(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer,
     gibberish, *others = build_scanners(cfg, tokenizer)
     ids = [d.id for d in docs]
     if cfg.prefilter <= 0:
-        table = scan(docs, [gibberish, NoveltyScanner(), *others], progress=progress)
+        table = scan(docs, [gibberish, NoveltyScanner(), WordOrderScanner(), *others], progress=progress)
         scores = np.array([table[i][SCORE_FIELD] for i in ids])
         return table, ids, robust_z(scores)
     if cfg.calibration < 1:
         raise PoisonlabError("the cascade needs a calibration sample (defense.calibration >= 1)")
-    table = scan(docs, [NoveltyScanner(), *others], progress=progress)
+    table = scan(docs, [NoveltyScanner(), WordOrderScanner(), *others], progress=progress)
     rng = np.random.default_rng(0)
     sample = {ids[k] for k in rng.choice(len(ids), size=min(cfg.calibration, len(ids)), replace=False)}
     chosen = [d for d in docs if d.id in sample or table[d.id]["novelty.rate"] >= cfg.prefilter]
@@ -134,6 +141,8 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     table, scored, z = token_stage(docs, cfg, tokenizer, progress)
     ids = [d.id for d in docs]
     candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
+    for i in candidates:
+        table[i]["candidate"] = "gibberish"  # which scanner's span the miner reads
     spans = {i: table[i]["gibberish.span_start"] for i in scored}
     # text no other document shares (pieces another tokenizer makes, other scripts) need not
     # surprise the corpus's tokenizer: the novelty rate's z-score makes candidates as well
@@ -143,12 +152,22 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
         if zi > cfg.candidate_z and i not in candidates:
             candidates.add(i)
             spans[i] = table[i]["novelty.span_start"]
+            table[i]["candidate"] = "novelty"
+    # real words in random order, or one word over and over, are ordinary tokens to any
+    # tokenizer and no novel words: the word-order scanner's spans make candidates too, and
+    # their z-scores count (for those documents only) when statistics test a mined string
+    zo = _order_candidates(table, ids)
+    for i, (zi, start) in zo.items():
+        if i not in candidates:
+            candidates.add(i)
+            spans[i] = start
+            table[i]["candidate"] = "order"
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # statistics confirm a mined string when its documents score far above the rest (on the
-    # larger of the two z-scores); it then flags every document holding it (a common string,
+    # largest of the scanners' z-scores); it then flags every document holding it (a common string,
     # or no trigger at all, confirms nothing)
     zg = dict(zip(scored, z.tolist()))
-    combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"]) for i in ids}
+    combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"], zo[i][0] if i in zo else 0.0) for i in ids}
     confirmed = confirm_triggers(mined[: cfg.triggers], docs, combined, cfg.candidate_z,
                                  alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support)
     used = [c.text for c in confirmed]
@@ -187,6 +206,26 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
         if any(v for k, v in table[i].items() if k.startswith("flag.")):
             flagged.add(i)
     return Detection(table, flagged, mined, used, len(scored))
+
+
+def _order_candidates(table: dict[str, dict], ids: list[str]) -> dict[str, tuple[float, int]]:
+    """Documents the word-order scanner makes candidates: id -> (robust z-score of the statistic
+    that crossed its threshold, over the documents long enough to be scored; span start). A
+    statistic counts when it crosses its threshold and is well outside the corpus's spread (z
+    above ``ORDER_Z``: in a corpus of word lists, none is). The
+    z-scores are written into the rows as ``order.disorder_z`` and ``order.repetition_z``."""
+    long_enough = [i for i in ids if table[i]["order.words"] >= WordOrderScanner.min_words]
+    if not long_enough:
+        return {}
+    out: dict[str, tuple[float, int]] = {}
+    for field, threshold in (("disorder", DISORDER), ("repetition", REPETITION)):
+        values = np.array([table[i][f"order.{field}"] for i in long_enough])
+        z = robust_z(values)
+        for i, v, zi in zip(long_enough, values, z):
+            table[i][f"order.{field}_z"] = float(zi)
+            if v >= threshold and zi > ORDER_Z and zi > out.get(i, (-np.inf, 0))[0]:
+                out[i] = (float(zi), int(table[i][f"order.{field}_start"]))
+    return out
 
 
 def _model_stage(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], candidates: set[str],

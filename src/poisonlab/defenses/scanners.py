@@ -182,6 +182,112 @@ class NoveltyScanner:
         return rows
 
 
+_LETTERS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
+"""A word of the word-order scanner: a run of letters (any script), case folded."""
+
+
+class WordOrderScanner:
+    """Whether a document's words follow one another as words of this corpus do, and whether
+    one word or short phrase repeats. Needs no tokenizer, so it does not depend on the
+    payload's vocabulary: real words in random order (word salad) or one word repeated are
+    ordinary tokens to every tokenizer.
+
+    One corpus pass counts words and adjacent word pairs. A pair's association is
+    ``log((n_ab + 1) / (n_a n_b / N + 1))`` with the document's own counts left out, so a
+    payload's pairs do not vouch for themselves: about 0 for words drawn independently of one
+    another (and below 0 for frequent words that never meet), clearly above 0 in prose,
+    whose neighbouring words go together.
+
+    Fields: ``disorder`` (minus the lowest mean association over ``window`` consecutive word
+    pairs: at or above 0, the words of that span are no more associated than words drawn at
+    random), ``disorder_start`` (character where the association steps down most: where such
+    a span begins), ``repetition`` (the largest share of ``window`` consecutive words that
+    repeat one of the three words before them: one word or a phrase of up to three, over and
+    over), ``repetition_start`` and ``words``. Documents with fewer than ``min_words`` words
+    get 0 for both scores (too few pairs to tell).
+    """
+
+    name = "order"
+    min_words = 32
+
+    def __init__(self, window: int = 64, lags: int = 3):
+        self.window, self.lags = window, lags
+        self.vocab: dict[str, int] = {}
+        self.unigram = np.zeros(0, np.int64)
+        self.pair_keys = np.zeros(0, np.int64)
+        self.pair_counts = np.zeros(0, np.int64)
+        self.total = 0
+
+    def _words(self, text: str, grow: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(word ids, character offsets); words not seen by ``fit`` get -1."""
+        ids, starts = [], []
+        vocab = self.vocab
+        for m in _LETTERS.finditer(text):
+            w = m.group().casefold()
+            i = vocab.get(w)
+            if i is None and grow:
+                i = vocab[w] = len(vocab)
+            ids.append(-1 if i is None else i)
+            starts.append(m.start())
+        return np.array(ids, np.int64), np.array(starts, np.int64)
+
+    @staticmethod
+    def _keys(ids: np.ndarray) -> np.ndarray:
+        return (ids[:-1] << 32) | ids[1:]
+
+    def fit(self, docs: list[Document]) -> None:
+        self.vocab = {}
+        per_doc = [self._words(d.text, grow=True)[0] for d in docs]
+        self.unigram = np.bincount(np.concatenate(per_doc + [np.zeros(0, np.int64)]), minlength=len(self.vocab))
+        self.total = int(self.unigram.sum())
+        keys = np.concatenate([self._keys(i) for i in per_doc if len(i) > 1] + [np.zeros(0, np.int64)])
+        self.pair_keys, self.pair_counts = np.unique(keys, return_counts=True)
+
+    def _pair_counts(self, keys: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.pair_keys, keys)
+        at = np.minimum(at, max(len(self.pair_keys) - 1, 0))
+        found = (self.pair_keys[at] == keys) if len(self.pair_keys) else np.zeros(len(keys), bool)
+        return np.where(found, self.pair_counts[at] if len(self.pair_counts) else 0, 0)
+
+    def association(self, ids: np.ndarray) -> np.ndarray:
+        """Each adjacent pair's association, the document's own counts left out."""
+        known = ids >= 0
+        safe = np.where(known, ids, 0)
+        uni = np.where(known, self.unigram[safe] if len(self.unigram) else 0, 0)
+        # the document's own occurrences are not evidence about the corpus
+        _, inv, own = np.unique(ids, return_inverse=True, return_counts=True)
+        uni = np.maximum(uni - np.where(known, own[inv], 0), 0)
+        keys = self._keys(safe)
+        pair_known = known[:-1] & known[1:]
+        _, pinv, pown = np.unique(keys, return_inverse=True, return_counts=True)
+        n_ab = np.where(pair_known, np.maximum(self._pair_counts(keys) - pown[pinv], 0), 0)
+        expected = uni[:-1] * uni[1:] / max(self.total, 1)
+        return np.log((n_ab + 1.0) / (expected + 1.0))
+
+    def repeats(self, ids: np.ndarray) -> np.ndarray:
+        """1 where a word equals one of the ``lags`` words before it."""
+        out = np.zeros(len(ids), np.float64)
+        for lag in range(1, self.lags + 1):
+            out[lag:] = np.maximum(out[lag:], (ids[lag:] == ids[:-lag]) & (ids[lag:] >= 0))
+        return out
+
+    def score(self, docs: list[Document]) -> list[dict]:
+        rows = []
+        for d in docs:
+            ids, starts = self._words(d.text)
+            row = {"id": d.id, "order.disorder": 0.0, "order.disorder_start": 0, "order.repetition": 0.0,
+                   "order.repetition_start": 0, "order.words": int(len(ids))}
+            if len(ids) >= self.min_words:
+                neg = -self.association(ids)
+                row["order.disorder"], _ = window_max(neg, self.window)
+                row["order.disorder_start"] = int(starts[step_up(neg)])
+                rep = self.repeats(ids)
+                row["order.repetition"], _ = window_max(rep, self.window)
+                row["order.repetition_start"] = int(starts[step_up(rep)])
+            rows.append(row)
+        return rows
+
+
 class CompressionScanner:
     """zlib compression ratio of character windows (compressed / raw bytes, the largest over
     windows): random text compresses badly. Needs no tokenizer and no fitting."""
