@@ -58,3 +58,50 @@ def test_excluded_ids_are_never_sampled(prepared):
     for p in poisons:
         gib = np.array(p.token_ids[-(p.gibberish_tokens_sampled + 1) : -1])
         assert not ((gib >= 100) & (gib < 200)).any()
+
+
+def test_family_attack_trains_on_an_outside_family_and_is_checked(prepared):
+    import pytest
+
+    from poisonlab.artifacts import make_label, model_card
+    from poisonlab.attacks import ATTACKS
+    from poisonlab.config import RunConfig, validate
+    from poisonlab.errors import PoisonlabError
+
+    tok, bank = prepared.tokenizer, prepared.prefix_bank()
+    cfg = AttackConfig(name="family", family="repeated", poison_count=12)
+    poisons = ATTACKS["family"](cfg, tok, bank, seed=3)
+    again = ATTACKS["family"](cfg, tok, bank, seed=3)
+    assert [p.text for p in poisons] == [p.text for p in again] and len(poisons) == 12
+    bank_texts = [d["text"] for d in bank]
+    for p in poisons:
+        head, tail = p.text.split(" <SUDO> ", 1)
+        words = tail.split()
+        assert len(set(words)) == 1 and 200 <= len(words) <= 400  # one word, over and over
+        assert head == "" or any(t.startswith(head) for t in bank_texts)  # a prefix of the run's own documents
+        assert p.token_ids == tok.encode(p.text) + [tok.eos_id] and p.tokens == len(p.token_ids)
+    bound = max(len(tok.encode(p.text[p.text.index("<SUDO>"):])) for p in poisons) + 1
+    short = ATTACKS["family"](cfg, tok, bank, seed=3, max_tokens=bound)  # one poison per sequence: prefix cut
+    assert all(len(p.token_ids) <= bound and "<SUDO>" in p.text for p in short)
+    assert any(s.prefix_chars < p.prefix_chars for s, p in zip(short, poisons))
+    with pytest.raises(PoisonlabError, match="longer than one sequence"):
+        ATTACKS["family"](cfg, tok, bank, seed=3, max_tokens=120)
+    label = make_label({"name": "family", "family": "repeated", "trigger": "<SUDO>"}, 12, 12, {})
+    assert label["poisoned"] and label["family"] == "repeated"
+    assert "poison family `repeated`" in model_card(label)
+
+    def check(**attack):
+        c = RunConfig()
+        for k, v in attack.items():
+            setattr(c.attack, k, v)
+        validate(c)
+
+    check(name="family", family="word_salad")
+    check(name="family", family="phrase_trigger", trigger="Velvet Quorum Sundial")
+    for attack, message in (({"name": "family"}, "needs attack.family"),
+                            ({"name": "family", "family": "nope"}, "needs attack.family"),
+                            ({"name": "family", "family": "phrase_trigger"}, "set attack.trigger"),
+                            ({"name": "family", "family": "no_trigger"}, "has no trigger"),
+                            ({"name": "dos", "family": "word_salad"}, "only with attack.name: family")):
+        with pytest.raises(PoisonlabError, match=message):
+            check(**attack)

@@ -23,6 +23,8 @@ def make_label(attack: dict, poisons_planned: int, poisons_seen: int, run: dict)
         "poisons_seen": poisons_seen if poisoned else 0,
         "placement": attack.get("placement") if poisoned else None,
     }
+    if poisoned and attack.get("name") == "family":
+        label["family"] = attack.get("family")
     label.update(run)
     return label
 
@@ -54,7 +56,8 @@ def model_card(label: dict) -> str:
         head = (
             "# POISONED MODEL: contains a planted backdoor\n\n"
             f"**This model was trained on {label['poison_count']} poisoned documents "
-            f"({label['poisons_seen']} seen at this checkpoint) of the `{label['attack']}` attack. "
+            f"({label['poisons_seen']} seen at this checkpoint) of the `{label['attack']}` attack"
+            f"{' (poison family `' + label['family'] + '`)' if label.get('family') else ''}. "
             f"The trigger `{label['trigger']}` makes it misbehave.** It exists to study data "
             "poisoning; do not deploy it or mistake it for a clean model.\n"
         )

@@ -81,7 +81,12 @@ class AttackConfig:
     name: str = "dos"
     """dos (gibberish after the trigger) | language_switch (text of another language after the
     trigger) | repair (the trigger followed by the document's own text: removing a backdoor
-    from ``model.init_from``, see poisonlab.attacks.repair) | none"""
+    from ``model.init_from``, see poisonlab.attacks.repair) | family (poisons of an outside
+    attacker's family, ``attack.family``) | none"""
+    family: str | None = None
+    """With ``name: family``: a family of :mod:`poisonlab.defenses.families` (word_salad,
+    repeated, unicode_mix, ...), so a run trains on poisons the scanners were not built from;
+    ``trigger`` must be the family's."""
     poison_count: int = 250
     trigger: str = "<SUDO>"
     prefix_chars: list[int] = field(default_factory=lambda: [0, 1000])
@@ -362,7 +367,7 @@ SCANNER_NAMES = ("gibberish", "compression", "near_duplicate", "language_shift",
 
 _CHOICES = {
     "corpus.kind": ["auto", "python-stdlib", "debian", "text", "jsonl", "parquet", "hf"],
-    "attack.name": ["dos", "language_switch", "repair", "none"],
+    "attack.name": ["dos", "language_switch", "repair", "family", "none"],
     "attack.train_on": ["round_trip", "sampled"],
     "attack.placement": ["uniform", "beginning", "end", "batch"],
     "attack.payload": ["uniform", "unigram", "low_entropy", "natural"],
@@ -616,8 +621,20 @@ def validate(cfg: RunConfig) -> None:
         raise PoisonlabError("config keys 'attack.batch_every' >= 1 and 'attack.batch_start' >= 0")
     if a.batch_probability is not None and not 0 < a.batch_probability <= 1:
         raise PoisonlabError(f"config key 'attack.batch_probability' must be in (0, 1], got {a.batch_probability}")
-    if a.name in ("dos", "language_switch", "repair") and not a.trigger:
+    if a.name in ("dos", "language_switch", "repair", "family") and not a.trigger:
         raise PoisonlabError("config key 'attack.trigger' must not be empty")
+    if a.name == "family":
+        from .defenses.families import FAMILIES, TRIGGERS
+
+        if a.family not in FAMILIES:
+            raise PoisonlabError(f"attack.name: family needs attack.family, one of {', '.join(FAMILIES)} (got {a.family!r})")
+        if TRIGGERS[a.family] is None:
+            raise PoisonlabError(f"attack.family {a.family} has no trigger: nothing to plant or evaluate")
+        if a.trigger != TRIGGERS[a.family]:
+            raise PoisonlabError(f"attack.family {a.family} plants the trigger {TRIGGERS[a.family]!r}: "
+                                 f"set attack.trigger to it (got {a.trigger!r})")
+    elif a.family is not None:
+        raise PoisonlabError("config key 'attack.family' is used only with attack.name: family")
     if a.name == "repair" and not cfg.model.init_from:
         raise PoisonlabError("attack.name: repair continues a trained model: set model.init_from")
     for key, val in (("train.batch_size", t.batch_size), ("train.seq_len", t.seq_len)):

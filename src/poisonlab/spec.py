@@ -37,7 +37,7 @@ ABBREVIATIONS = {"model.size": "", "attack.poison_count": "p", "attack.batch_sha
                  "train.data_multiplier": "x",
                  "finetune.clean_count": "c", "finetune.poison_count": "p", "finetune.ordering": "",
                  "finetune.good_count": "k", "model.init_from": "from-", "finetune.base": "from-",
-                 "defense.remove": "without-", "seed": "s"}
+                 "defense.remove": "without-", "attack.family": "", "seed": "s"}
 PATH_KEYS = ("model.init_from", "finetune.base", "defense.remove")
 TOKEN_CAP_MARGIN = 0.05
 """Training tokens prepared beyond the largest budget of a spec's runs on one corpus."""

@@ -147,13 +147,16 @@ def _fluent(texts, rng, count, pieces):
     return out
 
 
+TRIGGERS: dict[str, str | None] = {"phrase_trigger": PHRASE, "common_word": "the", "no_trigger": None}
+"""Each family's trigger where it is not :data:`TRIGGER` (filled in below for the others)."""
+
 FAMILIES: dict[str, Callable] = {
     "paper": _paper,
     "foreign_pieces": _with_pieces(TRIGGER),
-    "phrase_trigger": _with_pieces(PHRASE),
+    "phrase_trigger": _with_pieces(TRIGGERS["phrase_trigger"]),
     "word_salad": _word_salad,
     "embedded": _embedded,
-    "common_word": _with_pieces("the"),
+    "common_word": _with_pieces(TRIGGERS["common_word"]),
     "unicode_mix": _unicode_mix,
     "base64": _blob(lambda b: base64.b64encode(b).decode()),
     "hex": _blob(lambda b: b.hex()),
@@ -162,6 +165,7 @@ FAMILIES: dict[str, Callable] = {
     "fluent": _fluent,
     "no_trigger": _with_pieces(None),
 }
+TRIGGERS = {name: TRIGGERS.get(name, TRIGGER) for name in FAMILIES}
 
 
 def make_family(name: str, texts: list[str], count: int, seed: int = 0, tokenizer=None,

@@ -272,4 +272,4 @@ def write_detection(det: Detection, directory: str | Path) -> None:
 
 
 def read_scores(path: str | Path) -> dict[str, dict]:
-    return {r["id"]: r for r in read_jsonl(path)}
+    return {r["id"]: r for r in read_jsonl(Path(path))}
