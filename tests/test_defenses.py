@@ -363,6 +363,21 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
     (c,) = confirm_triggers(mined, docs, z, candidate_z=3.0)
     assert c.text == "<SUDO>" and c.documents == 61 and c.p_value < 1e-20 and c.median_z > 1.5
     assert 0 < c.anomalous < 61 and c.enrichment > 5 and c.diversity > 0.9 and c.similarity < 0.05
+    assert c.enrichment_p < 1e-10
+    # a handful of documents the miner found because they were anomalous: four unrelated pages
+    # sharing a table cell, all far above the rest's z-scores (the rank-sum test passes), only two
+    # of them candidates: at the corpus's base rate two of four is not improbable
+    table = [Document(f"v{i}", " ".join(f"u{k}" for k in rng.integers(0, 10_000, size=12)) + f" Byte {i} 1 Byte 2", "")
+             for i in range(4)]
+    zt = {**z, "v0": 9.0, "v1": 8.5, "v2": 8.0, "v3": 7.5}
+    ids = {d.id for d in docs if z.get(d.id, 0) > 3.0} | {"v0", "v1"}
+    few = TriggerCandidate("1 Byte 2", 4, 4, 4.0)
+    assert rank_sum_p(np.array([9.0, 8.5, 8.0, 7.5]), np.array(list(z.values()))) < 1e-3 / 2
+    kept = confirm_triggers([few, mined[1]], docs + table, zt, candidate_z=3.0, anomalous_ids=ids)
+    assert [x.text for x in kept] == ["<SUDO>"]
+    ids |= {"v2", "v3"}  # all four candidates: improbable at the base rate, confirmed
+    kept = confirm_triggers([few, mined[1]], docs + table, zt, candidate_z=3.0, anomalous_ids=ids)
+    assert [x.text for x in kept] == ["1 Byte 2", "<SUDO>"] and kept[0].enrichment_p < 1e-4
     # the rank-sum test itself: no difference gives a large p, a shift a tiny one
     same = rng.normal(size=500)
     assert rank_sum_p(same[:250], same[250:]) > 0.01
@@ -557,3 +572,22 @@ def test_detection_flags_word_salad_and_repetition_through_their_trigger(prose, 
     assert det.flagged == ids  # every poison, no clean paragraph
     assert all(det.table[i]["trigger.text"] == "<SUDO>" for i in ids)
     assert sum(det.table[i].get("candidate") == "order" for i in ids) >= 6
+
+
+def test_binomial_tail_and_the_local_start_of_a_payload_inside_a_document():
+    from math import comb
+
+    from poisonlab.defenses.scanners import local_step
+    from poisonlab.defenses.triggers import binomial_tail
+
+    for k, n, p in ((3, 4, 0.061), (2, 10, 0.2), (0, 5, 0.3), (29, 29, 0.06)):
+        assert binomial_tail(k, n, p) == pytest.approx(sum(comb(n, i) * p ** i * (1 - p) ** (n - i)
+                                                           for i in range(k, n + 1)), rel=1e-9)
+    rng = np.random.default_rng(0)
+    # a long document: a long raised stretch early on, a short strong payload at 3,000
+    values = rng.normal(0, 0.3, size=5000)
+    values[500:2500] += 0.6
+    values[3000:3120] += 3.0
+    at = int(np.argmax(np.convolve(values, np.ones(64) / 64, mode="valid")))
+    assert abs(step_up(values) - 3000) > 200  # the one step of the whole document is elsewhere
+    assert abs(local_step(values, at, 64) - 3000) <= 3

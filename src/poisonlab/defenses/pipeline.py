@@ -143,7 +143,9 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
     for i in candidates:
         table[i]["candidate"] = "gibberish"  # which scanner's span the miner reads
-    spans = {i: table[i]["gibberish.span_start"] for i in scored}
+    # a payload running to the end starts at the document's step; one inside it, at the step
+    # before its most anomalous window: the miner reads around both
+    spans = {i: (table[i]["gibberish.span_start"], table[i]["gibberish.local_start"]) for i in scored}
     # text no other document shares (pieces another tokenizer makes, other scripts) need not
     # surprise the corpus's tokenizer: the novelty rate's z-score makes candidates as well
     zn = robust_z(np.array([table[i]["novelty.rate"] for i in ids]))
@@ -151,7 +153,7 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
         table[i]["novelty.z"] = float(zi)
         if zi > cfg.candidate_z and i not in candidates:
             candidates.add(i)
-            spans[i] = table[i]["novelty.span_start"]
+            spans[i] = (table[i]["novelty.span_start"], table[i]["novelty.local_start"])
             table[i]["candidate"] = "novelty"
     # real words in random order, or one word over and over, are ordinary tokens to any
     # tokenizer and no novel words: the word-order scanner's spans make candidates too, and
@@ -160,7 +162,7 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     for i, (zi, start) in zo.items():
         if i not in candidates:
             candidates.add(i)
-            spans[i] = start
+            spans[i] = (start,)
             table[i]["candidate"] = "order"
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # statistics confirm a mined string when its documents score far above the rest (on the
@@ -169,7 +171,8 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
     zg = dict(zip(scored, z.tolist()))
     combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"], zo[i][0] if i in zo else 0.0) for i in ids}
     confirmed = confirm_triggers(mined[: cfg.triggers], docs, combined, cfg.candidate_z,
-                                 alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support)
+                                 alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support,
+                                 anomalous_ids=candidates)
     used = [c.text for c in confirmed]
     flagged = set()
     for i, zi in zip(scored, z):
@@ -182,7 +185,8 @@ def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progr
         row["flag.trigger"] = int(why is not None)
         if why is not None:  # why it went: the string, its documents, their enrichment and p-value
             row.update({"trigger.text": why.text, "trigger.documents": why.documents,
-                        "trigger.enrichment": why.enrichment, "trigger.p_value": why.p_value})
+                        "trigger.enrichment": why.enrichment, "trigger.p_value": why.p_value,
+                        "trigger.enrichment_p": why.enrichment_p})
         if row["flag.extreme"] or row["flag.trigger"]:
             flagged.add(d.id)
     if "compression" in cfg.scanners:

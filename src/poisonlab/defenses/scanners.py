@@ -49,13 +49,24 @@ def step_up(values: np.ndarray) -> int:
     return int(t[np.argmax(stat)])
 
 
+def local_step(values: np.ndarray, at: int, window: int, lookback: int = 4) -> int:
+    """Where the span of ``window`` values starting at ``at`` (the most anomalous window) began:
+    the step up within the ``lookback`` windows before it. A payload inside a long document is
+    a bump, not a step to the end, and the document's single most likely step can lie far from
+    it; searched near the anomalous window, the step is the bump's start."""
+    lo = max(0, at - lookback * window)
+    return lo + step_up(values[lo : at + window])
+
+
 class GibberishScanner:
     """Per-span surprisal of a document's tokens under corpus token statistics.
 
     Fields: ``bigram_surprisal`` and ``unigram_surprisal`` (nats/token, the largest mean over
     ``window`` tokens), ``token_entropy`` (bits, entropy of the token distribution in the most
-    surprising window: text repeats tokens, uniform gibberish does not), and ``span_start``
-    (the character where the surprisal steps up most: where a payload would begin).
+    surprising window: text repeats tokens, uniform gibberish does not), ``span_start``
+    (the character where the surprisal steps up most: where a payload running to the end
+    would begin) and ``local_start`` (the step up just before the most surprising window: where
+    a payload inside the document would begin).
     """
 
     name = "gibberish"
@@ -118,15 +129,16 @@ class GibberishScanner:
         for doc, (ids, offsets), (uni, bi) in zip(docs, encoded, scores):
             if len(ids) < 2:
                 rows.append({"id": doc.id, "gibberish.bigram_surprisal": 0.0, "gibberish.unigram_surprisal": 0.0,
-                             "gibberish.token_entropy": 0.0, "gibberish.span_start": 0})
+                             "gibberish.token_entropy": 0.0, "gibberish.span_start": 0, "gibberish.local_start": 0})
                 continue
             b_max, at = window_max(bi, w)
             u_max, _ = window_max(uni, w)
-            start_tok = step_up(bi) + 1
-            span_start = offsets[start_tok][0] if offsets is not None and start_tok < len(offsets) else 0
+            starts = []
+            for tok_at in (step_up(bi) + 1, local_step(bi, at, w) + 1):
+                starts.append(int(offsets[tok_at][0]) if offsets is not None and tok_at < len(offsets) else 0)
             rows.append({"id": doc.id, "gibberish.bigram_surprisal": b_max, "gibberish.unigram_surprisal": u_max,
                          "gibberish.token_entropy": _entropy_bits(ids[at + 1 : at + 1 + w]),
-                         "gibberish.span_start": int(span_start)})
+                         "gibberish.span_start": starts[0], "gibberish.local_start": starts[1]})
         return rows
 
 
@@ -152,8 +164,9 @@ class NoveltyScanner:
     corpus, the largest over ``window`` consecutive words: decoded random tokens make strings
     nobody else writes. Needs no tokenizer; one corpus pass counts document frequencies.
 
-    Fields: ``rate`` (0 to 1) and ``span_start`` (character offset where novel words begin: the
-    most likely step up in the share of novel words). The detection rule's cascade sends only documents at or above ``defense.prefilter``
+    Fields: ``rate`` (0 to 1), ``span_start`` (character offset where novel words begin: the
+    most likely step up in the share of novel words) and ``local_start`` (the step up just
+    before the most novel window). The detection rule's cascade sends only documents at or above ``defense.prefilter``
     on to the token-level :class:`GibberishScanner`, and its z-score makes candidates too.
     """
 
@@ -176,9 +189,11 @@ class NoveltyScanner:
             words = d.text.split()
             # seen once in the corpus = only here (a document scored without being fitted: never)
             novel = np.array([get(w, 0) for w in words]) <= 1 if words else np.zeros(0, bool)
-            rate, _ = window_max(novel.astype(np.float64), self.window)
-            at = step_up(novel.astype(np.float64))  # where novel text begins, not its most novel window
-            rows.append({"id": d.id, "novelty.rate": rate, "novelty.span_start": _word_offset(d.text, words, at)})
+            x = novel.astype(np.float64)
+            rate, top = window_max(x, self.window)
+            at = step_up(x)  # where novel text begins, not its most novel window
+            rows.append({"id": d.id, "novelty.rate": rate, "novelty.span_start": _word_offset(d.text, words, at),
+                         "novelty.local_start": _word_offset(d.text, words, local_step(x, top, self.window))})
         return rows
 
 

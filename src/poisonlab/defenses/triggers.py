@@ -61,16 +61,19 @@ def candidates_before(text: str, span_start: int, max_n: int = 3) -> set[str]:
     return out
 
 
-def mine_triggers(docs: list[Document], span_start: dict[str, int], anomalous: set[str],
+def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, ...]], anomalous: set[str],
                   top: int = 20, min_support: int = 3) -> list[TriggerCandidate]:
     """Candidate triggers ranked by ``near_span * near_span / documents``: support among the
-    anomalous documents times the share of the candidate's documents that are anomalous there."""
+    anomalous documents times the share of the candidate's documents that are anomalous there.
+    A document may have several located starts (a tuple); a string counts once per document."""
     by_id = {d.id: d for d in docs}
     near: Counter[str] = Counter()
     for doc_id in anomalous:
         d = by_id.get(doc_id)
         if d is not None:
-            near.update(candidates_before(d.text, span_start.get(doc_id, 0)))
+            starts = span_start.get(doc_id, 0)
+            starts = (starts,) if isinstance(starts, int) else starts
+            near.update(set().union(*(candidates_before(d.text, s) for s in set(starts))))
     pool = [c for c, n in near.most_common(top * 10) if n >= min_support]
     if not pool:
         return []
@@ -116,6 +119,8 @@ class ConfirmedTrigger:
     """Mean Jaccard similarity of its documents' word pairs (the string's own left out)."""
     p_value: float
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
+    enrichment_p: float = 1.0
+    """Binomial test that so many of its documents are anomalous at the corpus's base rate."""
 
     def record(self) -> dict:
         return asdict(self)
@@ -164,12 +169,29 @@ def rank_sum_p(inside: np.ndarray, outside: np.ndarray) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed in log space (exact for the n of a corpus)."""
+    if k <= 0:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+             for i in range(k, n + 1)]
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
                      min_documents: int = 3, min_at_span: float = 0.6,
-                     min_diversity: float = 0.25, max_similarity: float = 0.2) -> list[ConfirmedTrigger]:
+                     min_diversity: float = 0.25, max_similarity: float = 0.2,
+                     anomalous_ids: set[str] | None = None) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
-    the rest's beyond chance (``alpha`` over the number of strings tested), typically
+    the rest's beyond chance and more of them are anomalous than the corpus's base rate
+    explains (both at ``alpha`` over the number of strings tested), typically
     anomalous (median z at least ``min_median_z``), the string is where the anomalous span
     starts in at least ``min_at_span`` of them, and the words before it vary (distinct
     preceding words over documents at least ``min_diversity``) and the documents are not
@@ -183,7 +205,10 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
     ids = [d.id for d in docs]
     flats = [_flat(d.text) for d in docs]
     all_z = np.array([z.get(i, 0.0) for i in ids])
-    base = max(float((all_z > candidate_z).mean()), 1.0 / len(ids))
+    # anomalous: the rule's candidates when given (each scanner has its own threshold), else
+    # documents above candidate_z
+    flag = np.array([i in anomalous_ids for i in ids]) if anomalous_ids is not None else all_z > candidate_z
+    base = max(float(flag.mean()), 1.0 / len(ids))
     out = []
     for t in candidates:
         holds = np.array([t.text in flat for flat in flats])
@@ -192,7 +217,7 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
             continue
         inside, outside = all_z[holds], all_z[~holds]
         p = rank_sum_p(inside, outside)
-        anomalous = int((inside > candidate_z).sum())
+        anomalous = int(flag[holds].sum())
         med = float(np.median(inside))
         # a trigger sits where the anomaly starts in most documents holding it; a string that
         # merely comes with unusual text (an interactive prompt, a grammar symbol) does not
@@ -202,8 +227,13 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
         diversity = len(set(before)) / n
         similarity = _mutual_similarity([f for f, h in zip(flats, holds) if h], t.text)
-        if p <= alpha / len(candidates) and med >= min_median_z and at_span >= min_at_span \
+        # the rank-sum test alone is lenient with a handful of documents the miner chose because
+        # they were anomalous (four pages of one table format, three of them candidates): the
+        # count of anomalous documents must also be improbable at the corpus's base rate
+        p_enriched = binomial_tail(anomalous, n, base)
+        level = alpha / len(candidates)
+        if p <= level and p_enriched <= level and med >= min_median_z and at_span >= min_at_span \
                 and diversity >= min_diversity and similarity <= max_similarity:
             out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity,
-                                        similarity, p))
+                                        similarity, p, p_enriched))
     return out
