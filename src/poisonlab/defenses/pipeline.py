@@ -222,13 +222,13 @@ def _order_candidates(table: dict[str, dict], ids: list[str]) -> dict[str, tuple
     if not long_enough:
         return {}
     out: dict[str, tuple[float, int]] = {}
-    for field, threshold in (("disorder", DISORDER), ("repetition", REPETITION)):
-        values = np.array([table[i][f"order.{field}"] for i in long_enough])
+    for stat, threshold in (("disorder", DISORDER), ("repetition", REPETITION)):
+        values = np.array([table[i][f"order.{stat}"] for i in long_enough])
         z = robust_z(values)
         for i, v, zi in zip(long_enough, values, z):
-            table[i][f"order.{field}_z"] = float(zi)
+            table[i][f"order.{stat}_z"] = float(zi)
             if v >= threshold and zi > ORDER_Z and zi > out.get(i, (-np.inf, 0))[0]:
-                out[i] = (float(zi), int(table[i][f"order.{field}_start"]))
+                out[i] = (float(zi), int(table[i][f"order.{stat}_start"]))
     return out
 
 
