@@ -202,23 +202,43 @@ def test_baseline_filters_come_from_datatrove():
     assert "prose" not in out["gopher_quality"]
 
 
-def test_datatrove_engine_scores_every_document(prose, tmp_path):
+def test_datatrove_engine_flags_what_one_process_flags(prose, tmp_path):
     pytest.importorskip("datatrove")
     from poisonlab.defenses.engine import scan_with_datatrove
 
-    clean, poisons, _ = _planted(prose, n_clean=40, n_poison=4)
+    clean, poisons, _ = _planted(prose, n_clean=200, n_poison=8)
+    docs = clean + poisons
     tok = prose[1]
-    n = scan_with_datatrove(clean + poisons, DefenseConfig(window=32, scanners=["gibberish", "compression"]),
-                            tok, tmp_path / "dt", tasks=2, workers=2)
-    assert n == 44
-    rows = [json.loads(line) for p in (tmp_path / "dt" / "scores").glob("*.jsonl")
-            for line in p.read_text().splitlines()]
-    local = GibberishScanner(tok, window=32)
-    local.fit(clean + poisons)
-    want = {r["id"]: r["gibberish.bigram_surprisal"] for r in local.score(clean + poisons)}
-    assert {r["id"] for r in rows} == set(want)
-    assert all(r["metadata"]["gibberish.bigram_surprisal"] == pytest.approx(want[r["id"]]) for r in rows)
-    assert all("compression.ratio" in r["metadata"] for r in rows)
+    cfg = DefenseConfig(window=32, scanners=["gibberish", "compression"], prefilter=0)
+    det = scan_with_datatrove(docs, cfg, tok, tmp_path / "dt", tasks=2, workers=2)
+    local = detect(docs, cfg, tok)
+    assert set(det.table) == {d.id for d in docs}  # every document, from both shards
+    assert det.flagged == local.flagged and {p.id for p in poisons} <= det.flagged
+    assert det.used_triggers == local.used_triggers == [TRIGGER]
+    for field in ("gibberish.bigram_surprisal", "gibberish.z", "novelty.rate", "order.disorder",
+                  "order.repetition", "compression.ratio"):
+        assert all(det.table[d.id][field] == pytest.approx(local.table[d.id][field]) for d in docs), field
+    # a changed input is scanned afresh, not served from the finished tasks of the last one
+    fewer = docs[:150] + poisons
+    again = scan_with_datatrove(fewer, cfg, tok, tmp_path / "dt", tasks=2, workers=2)
+    assert set(again.table) == {d.id for d in fewer}
+    assert again.table[poisons[0].id]["gibberish.bigram_surprisal"] == pytest.approx(
+        detect(fewer, cfg, tok).table[poisons[0].id]["gibberish.bigram_surprisal"])
+
+
+def test_fitted_word_statistics_round_trip_without_pickle(tmp_path):
+    from poisonlab.defenses.scanners import NoveltyScanner, WordOrderScanner
+
+    docs = [Document("a", "the cat sat on the mat and the dog sat on the rug " * 4, ""),
+            Document("b", "na\u00efve caf\u00e9 \ud800odd words the cat " * 10, "")]
+    for cls in (NoveltyScanner, WordOrderScanner):
+        s = cls()
+        s.fit(docs)
+        s.save(tmp_path / f"{cls.name}.npz")
+        back = cls.load(tmp_path / f"{cls.name}.npz")
+        assert back.score(docs) == s.score(docs)
+        with np.load(tmp_path / f"{cls.name}.npz", allow_pickle=False) as z:
+            assert all(z[k].dtype != object for k in z.files)
 
 
 def test_adaptive_payloads(prepared):
@@ -418,7 +438,7 @@ def test_a_scan_scores_every_document_whatever_its_split_or_length(tmp_path):
 
     import yaml
 
-    from poisonlab.corpus import CorpusConfig, is_heldout
+    from poisonlab.corpus import is_heldout
     from poisonlab.jsonl import read_jsonl
 
     rows = [{"id": f"d{i}", "text": " ".join(filler_docs(1, seed=i)[0]["text"].split()[:60])} for i in range(120)]

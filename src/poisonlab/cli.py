@@ -433,10 +433,9 @@ def cmd_scan(args) -> int:
     if args.engine == "datatrove":
         from .defenses.engine import scan_with_datatrove
 
-        n = scan_with_datatrove(docs, cfg.defense, data.tokenizer, out, tasks=args.tasks, workers=args.workers)
-        print(f"scored {n:,} documents with datatrove's local executor; scores in {out}/scores")
-        return 0
-    det = detect(docs, cfg.defense, data.tokenizer, progress=True)
+        det = scan_with_datatrove(docs, cfg.defense, data.tokenizer, out, tasks=args.tasks, workers=args.workers)
+    else:
+        det = detect(docs, cfg.defense, data.tokenizer, progress=True)
     mark_splits(det, docs, cfg.corpus)
     write_detection(det, out)
     print(f"{len(docs):,} documents scanned ({det.token_scored:,} tokenized for the gibberish scanner), "
@@ -664,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--with-poisons", action="store_true", help="add the configured attack's poisons to the scanned set")
     s.add_argument("--out", help="output folder (default: <out_dir>/scans/<name>)")
     s.add_argument("--engine", choices=["local", "datatrove"], default="local",
-                   help="local: one process; datatrove: datatrove's executor (scores only, no trigger mining)")
+                   help="local: one process; datatrove: the scanners as datatrove tasks, then the same rule (flags, triggers, keep-list)")
     s.add_argument("--tasks", type=int, default=2, help="datatrove tasks")
     s.add_argument("--workers", type=int, default=2, help="datatrove workers")
     s.set_defaults(fn=cmd_scan)

@@ -138,45 +138,59 @@ def token_stage(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer,
 
 
 def detect(docs: list[Document], cfg: DefenseConfig, tokenizer: Tokenizer, progress: bool = False) -> Detection:
+    """Score ``docs`` with the scanners (:func:`token_stage`) and apply the rule (:func:`decide`)."""
     table, scored, z = token_stage(docs, cfg, tokenizer, progress)
+    return decide(docs, cfg, table, scored, z)
+
+
+def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], scored: list[str],
+           z: np.ndarray) -> Detection:
+    """The rule on a filled score table: ``scored`` are the ids the gibberish scanner scored,
+    ``z`` their span surprisal's robust z-scores. Writes the z-scores, candidates and
+    ``flag.*`` fields into ``table``; any engine that fills the table (one process, or
+    datatrove's executors) ends here."""
     ids = [d.id for d in docs]
-    candidates = {i for i, zi in zip(scored, z) if zi > cfg.candidate_z}
-    for i in candidates:
-        table[i]["candidate"] = "gibberish"  # which scanner's span the miner reads
-    # a payload running to the end starts at the document's step; one inside it, at the step
-    # before its most anomalous window: the miner reads around both
-    spans = {i: (table[i]["gibberish.span_start"], table[i]["gibberish.local_start"]) for i in scored}
-    # text no other document shares (pieces another tokenizer makes, other scripts) need not
-    # surprise the corpus's tokenizer: the novelty rate's z-score makes candidates as well
+    zg = dict(zip(scored, z.tolist()))
+    for i, zi in zg.items():
+        table[i]["gibberish.z"] = float(zi)
     zn = robust_z(np.array([table[i]["novelty.rate"] for i in ids]))
     for i, zi in zip(ids, zn):
         table[i]["novelty.z"] = float(zi)
-        if zi > cfg.candidate_z and i not in candidates:
-            candidates.add(i)
-            spans[i] = (table[i]["novelty.span_start"], table[i]["novelty.local_start"])
-            table[i]["candidate"] = "novelty"
-    # real words in random order, or one word over and over, are ordinary tokens to any
-    # tokenizer and no novel words: the word-order scanner's spans make candidates too, and
-    # their z-scores count (for those documents only) when statistics test a mined string
     zo = _order_candidates(table, ids)
-    for i, (zi, start) in zo.items():
-        if i not in candidates:
-            candidates.add(i)
-            spans[i] = (start,)
-            table[i]["candidate"] = "order"
+    # Each source of candidates: id -> (z, starts of its anomalous span). The first source that
+    # makes a document a candidate names the span the miner reads around. A payload running to
+    # the end starts at the document's step; one inside it at the step before its most
+    # anomalous window, so the miner reads around both. Text no other document shares (pieces
+    # another tokenizer makes, other scripts) need not surprise the corpus's tokenizer, so the
+    # novelty rate makes candidates as well; real words in random order, or one word over and
+    # over, are ordinary tokens to any tokenizer and no novel words, so the word-order spans
+    # do too (already thresholded in ``_order_candidates``).
+    sources = [
+        ("gibberish", cfg.candidate_z,
+         {i: (zg[i], (table[i]["gibberish.span_start"], table[i]["gibberish.local_start"])) for i in scored}),
+        ("novelty", cfg.candidate_z,
+         {i: (table[i]["novelty.z"], (table[i]["novelty.span_start"], table[i]["novelty.local_start"])) for i in ids}),
+        ("order", -np.inf, {i: (zi, (start,)) for i, (zi, start) in zo.items()}),
+    ]
+    candidates: set[str] = set()
+    spans: dict[str, tuple[int, ...]] = {}
+    for name, limit, rows in sources:
+        for i, (zi, starts) in rows.items():
+            if zi > limit and i not in candidates:
+                candidates.add(i)
+                spans[i] = starts
+                table[i]["candidate"] = name
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # statistics confirm a mined string when its documents score far above the rest (on the
-    # largest of the scanners' z-scores); it then flags every document holding it (a common string,
-    # or no trigger at all, confirms nothing)
-    zg = dict(zip(scored, z.tolist()))
+    # largest of the scanners' z-scores; the word-order z-scores count for its candidates only);
+    # it then flags every document holding it (a common string, or no trigger at all, confirms
+    # nothing)
     combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"], zo[i][0] if i in zo else 0.0) for i in ids}
     confirmed = confirm_triggers(mined[: cfg.triggers], docs, combined, cfg.candidate_z,
                                  alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support,
                                  anomalous_ids=candidates)
     used = [c.text for c in confirmed]
     flagged = set()
-    for i, zi in zip(scored, z):
-        table[i]["gibberish.z"] = float(zi)
     for d in docs:
         row = table[d.id]
         row["flag.extreme"] = int(row.get("gibberish.z", 0.0) > cfg.extreme_z)

@@ -10,10 +10,12 @@ Higher scores are more suspicious for every field a filter thresholds.
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 import zlib
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -182,6 +184,19 @@ class NoveltyScanner:
             df.update(set(d.text.split()))
         self.document_frequency = df
 
+    def save(self, path: str | Path) -> None:
+        """The document frequencies as one ``.npz`` (the words as JSON bytes: no pickle)."""
+        words = list(self.document_frequency)
+        np.savez(path, words=_json_bytes(words), counts=np.array([self.document_frequency[w] for w in words], np.int64),
+                 window=np.int64(self.window))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "NoveltyScanner":
+        with np.load(path, allow_pickle=False) as z:
+            out = cls(int(z["window"]))
+            out.document_frequency = Counter(dict(zip(_from_json_bytes(z["words"]), z["counts"].tolist())))
+        return out
+
     def score(self, docs: list[Document]) -> list[dict]:
         get = self.document_frequency.get
         rows = []
@@ -195,6 +210,15 @@ class NoveltyScanner:
             rows.append({"id": d.id, "novelty.rate": rate, "novelty.span_start": _word_offset(d.text, words, at),
                          "novelty.local_start": _word_offset(d.text, words, local_step(x, top, self.window))})
         return rows
+
+
+def _json_bytes(words: list[str]) -> np.ndarray:
+    # ASCII JSON escapes every character, lone surrogates included, and loads without pickle
+    return np.frombuffer(json.dumps(words, ensure_ascii=True).encode("ascii"), np.uint8)
+
+
+def _from_json_bytes(a: np.ndarray) -> list[str]:
+    return json.loads(a.tobytes().decode("ascii"))
 
 
 _LETTERS = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)?")
@@ -259,10 +283,26 @@ class WordOrderScanner:
         self.pair_keys, self.pair_counts = np.unique(keys, return_counts=True)
 
     def _pair_counts(self, keys: np.ndarray) -> np.ndarray:
-        at = np.searchsorted(self.pair_keys, keys)
-        at = np.minimum(at, max(len(self.pair_keys) - 1, 0))
-        found = (self.pair_keys[at] == keys) if len(self.pair_keys) else np.zeros(len(keys), bool)
-        return np.where(found, self.pair_counts[at] if len(self.pair_counts) else 0, 0)
+        if len(self.pair_keys) == 0:
+            return np.zeros(len(keys), np.int64)
+        at = np.minimum(np.searchsorted(self.pair_keys, keys), len(self.pair_keys) - 1)
+        return np.where(self.pair_keys[at] == keys, self.pair_counts[at], 0)
+
+    def save(self, path: str | Path) -> None:
+        """The fitted counts as one ``.npz`` (the vocabulary as JSON bytes: no pickle)."""
+        words = sorted(self.vocab, key=self.vocab.get)
+        np.savez(path, words=_json_bytes(words), unigram=self.unigram, pair_keys=self.pair_keys,
+                 pair_counts=self.pair_counts, total=np.int64(self.total),
+                 window=np.int64(self.window), lags=np.int64(self.lags))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "WordOrderScanner":
+        with np.load(path, allow_pickle=False) as z:
+            out = cls(int(z["window"]), int(z["lags"]))
+            out.vocab = {w: i for i, w in enumerate(_from_json_bytes(z["words"]))}
+            out.unigram, out.pair_keys, out.pair_counts = z["unigram"], z["pair_keys"], z["pair_counts"]
+            out.total = int(z["total"])
+        return out
 
     def association(self, ids: np.ndarray) -> np.ndarray:
         """Each adjacent pair's association, the document's own counts left out."""
