@@ -363,7 +363,7 @@ def test_reference_model_stage_scores_candidates_and_a_calibration_sample(prose,
 
 
 def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_it():
-    from poisonlab.defenses.triggers import TriggerCandidate, confirm_triggers, rank_sum_p
+    from poisonlab.defenses.triggers import TriggerCandidate, confirm_triggers, rank_confirmed_first, rank_sum_p
 
     rng = np.random.default_rng(0)
     docs, z = [], {}
@@ -398,6 +398,11 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
     ids |= {"v2", "v3"}  # all four candidates: improbable at the base rate, confirmed
     kept = confirm_triggers([few, mined[1]], docs + table, zt, candidate_z=3.0, anomalous_ids=ids)
     assert [x.text for x in kept] == ["1 Byte 2", "<SUDO>"] and kept[0].enrichment_p < 1e-4
+    # the ranking a user reads: confirmed strings first, strongest enrichment first, then the
+    # miner's order (here the miner put "the" first)
+    ranked = rank_confirmed_first(mined + [few], kept)
+    assert [t.text for t in ranked] == ["<SUDO>", "1 Byte 2", "the", "Character Mapping Codec"]
+    assert [t.confirmed for t in ranked] == [True, True, False, False]
     # the rank-sum test itself: no difference gives a large p, a shift a tiny one
     same = rng.normal(size=500)
     assert rank_sum_p(same[:250], same[250:]) > 0.01

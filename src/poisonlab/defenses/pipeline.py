@@ -8,14 +8,17 @@ The rule (:func:`detect`):
    takes its median and MAD from the calibration sample;
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
-   ``candidate_z`` candidates, and so does the novelty rate's z-score;
-2. triggers are mined from the text right before the candidates' anomalous spans;
+   ``candidate_z`` candidates, and so do the novelty rate's z-score and the word-order
+   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``);
+2. triggers are mined from the text around the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
    holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
-   strings tested, a median z of at least 1, at the anomalous span's start in 60% of its
-   documents, after varied words, in documents that are not copies of one template), every document holding it is flagged, with
-   the string, its enrichment and its p-value in its row (a common word confirms nothing); any
-   document is flagged above ``extreme_z``;
+   strings tested), more of them are candidates than the corpus's rate explains (a binomial
+   test at the same level), their median z is at least 1, the string sits at the anomalous
+   span's start in 60% of them, after varied words, in documents that are not copies of one
+   template, every document holding it is flagged, with the string, its enrichment and its
+   p-values in its row (a common word confirms nothing); confirmed strings head the trigger
+   ranking; any document is flagged above ``extreme_z``;
 4. the other scanners listed add flags of their own (compression above ``extreme_z``,
    near-duplicate clusters of ``near_duplicate_min_cluster`` or more, language shifts,
    and the reference model's span surprisal above ``extreme_z`` on the candidates, or on
@@ -36,7 +39,7 @@ from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
                        NoveltyScanner, ScriptScanner, WordOrderScanner)
-from .triggers import TriggerCandidate, confirm_triggers, mine_triggers
+from .triggers import TriggerCandidate, confirm_triggers, mine_triggers, rank_confirmed_first
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
 SCRIPT_FOREIGN, SCRIPT_KINDS = 0.5, 3
@@ -190,6 +193,7 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
                                  alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support,
                                  anomalous_ids=candidates)
     used = [c.text for c in confirmed]
+    mined = rank_confirmed_first(mined, confirmed)
     flagged = set()
     for d in docs:
         row = table[d.id]

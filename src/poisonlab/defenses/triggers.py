@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -39,6 +39,8 @@ class TriggerCandidate:
     documents: int
     """Documents of the corpus containing the candidate anywhere."""
     score: float
+    confirmed: bool = False
+    """Statistics confirmed it (:func:`confirm_triggers`); confirmed strings rank first."""
 
     def record(self) -> dict:
         return asdict(self)
@@ -182,6 +184,17 @@ def binomial_tail(k: int, n: int, p: float) -> float:
              for i in range(k, n + 1)]
     top = max(terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+def rank_confirmed_first(mined: list[TriggerCandidate], confirmed: list[ConfirmedTrigger]) -> list[TriggerCandidate]:
+    """The ranking a user reads: the strings statistics confirmed, strongest evidence first
+    (binomial enrichment p-value, then the rank-sum p-value), then the miner's other strings in
+    its order. The miner's score (support near spans times precision) only chooses what to
+    test: an interactive prompt before many code spans can outscore a trigger there."""
+    by_text = {c.text: c for c in confirmed}
+    first = sorted((t for t in mined if t.text in by_text),
+                   key=lambda t: (by_text[t.text].enrichment_p, by_text[t.text].p_value, t.text))
+    return [replace(t, confirmed=True) for t in first] + [t for t in mined if t.text not in by_text]
 
 
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
