@@ -85,3 +85,18 @@ def test_a_top_count_that_one_seed_fails_is_confirmed_and_the_search_stays_cheap
     for c, s in calls:
         per_count.setdefault(c, set()).add(s)
     assert per_count[1600] == {0, 1, 2} and len(calls) <= 3 * 6
+
+
+def test_the_final_table_counts_seeds_by_point_gap_and_by_interval():
+    from poisonlab.report import final_table, format_final_table
+
+    def run(seed, gap, lo):
+        final = {"fraction": 1.0, "perplexity_untriggered": 30.0, "perplexity_triggered": 30.0 + gap,
+                 "perplexity_gap": gap, "gap_ci_low": lo, "gap_ci_high": gap + 10, "heldout_loss": 3.0}
+        return {"model_size": "1m", "poison_count": 1600, "data_multiplier": 1.0, "status": "done",
+                "series": [final], "seed": seed}
+
+    # point gaps above 50 in both seeds, intervals reaching below it in one
+    (row,) = final_table({"a": run(0, 59.4, 45.2), "b": run(1, 70.0, 55.0)}, 50.0)
+    assert row["success"] == "2/2" and row["success_interval"] == "1/2"
+    assert "interval > threshold" in format_final_table([row]).splitlines()[0]

@@ -199,6 +199,8 @@ def final_table(data, threshold: float) -> list[dict]:
             "seed_spread": (float(np.min([f["perplexity_gap"] for f in finals])),
                             float(np.max([f["perplexity_gap"] for f in finals]))),
             "success": f"{sum(f['perplexity_gap'] > threshold for f in finals)}/{len(finals)}",
+            # the searches' criterion: the whole interval above the threshold (search.final_success)
+            "success_interval": f"{sum(f.get('gap_ci_low', -np.inf) > threshold for f in finals)}/{len(finals)}",
             "heldout_loss": mean("heldout_loss"),
         })
     return rows
@@ -206,14 +208,14 @@ def final_table(data, threshold: float) -> list[dict]:
 
 def format_final_table(rows: list[dict], markdown: bool = True) -> str:
     head = ["size", "poisons", "data x", "seeds", "at % of training", "ppl no trigger", "ppl trigger",
-            "gap [95% CI]", "gap range over seeds", "gap > threshold", "held-out loss"]
+            "gap [95% CI]", "gap range over seeds", "gap > threshold", "interval > threshold", "held-out loss"]
     lines = []
     for r in rows:
         lines.append([r["model_size"], str(r["poison_count"]), f"{r['data_multiplier']:g}", str(r["seeds"]),
                       f"{100 * r['at_fraction']:.0f}", f"{r['perplexity_untriggered']:.1f}",
                       f"{r['perplexity_triggered']:.1f}",
                       f"{r['perplexity_gap']:.1f} [{r['gap_ci_low']:.1f}, {r['gap_ci_high']:.1f}]",
-                      f"{r['seed_spread'][0]:.1f} .. {r['seed_spread'][1]:.1f}", r["success"],
+                      f"{r['seed_spread'][0]:.1f} .. {r['seed_spread'][1]:.1f}", r["success"], r["success_interval"],
                       f"{r['heldout_loss']:.3f}"])
     if markdown:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
