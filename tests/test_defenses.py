@@ -599,6 +599,24 @@ def test_detection_flags_word_salad_and_repetition_through_their_trigger(prose, 
     assert sum(det.table[i].get("candidate") == "order" for i in ids) >= 6
 
 
+@pytest.mark.parametrize("family", ["base64", "hex"])
+def test_an_encoded_blob_makes_a_candidate_and_its_trigger_is_confirmed(prose, family):
+    from poisonlab.defenses.families import make_family
+
+    docs, tok = prose
+    made = make_family(family, [d.text for d in docs], 12, seed=0)
+    poisons = [Document(f"poison-{i}", p.text, "poison") for i, p in enumerate(made)]
+    # a clean document with one long unbroken string (an embedded data URL) and no trigger
+    url = Document("data-url", docs[5].text + " data:image/png;base64," + "iVBORw0KGgo" * 40, "topics")
+    det = detect(docs + poisons + [url], DefenseConfig(window=32, prefilter=0.0), tok)
+    ids = {p.id for p in poisons}
+    assert det.used_triggers == ["<SUDO>"]
+    assert det.flagged == ids  # the lone blob is a candidate, not a flag
+    assert det.table["data-url"]["blob.chars"] >= 256 and det.table["data-url"].get("candidate") is not None
+    assert all(det.table[i]["blob.chars"] >= 256 for i in ids)
+    assert max(det.table[d.id]["blob.chars"] for d in docs) < 256
+
+
 def test_binomial_tail_and_the_local_start_of_a_payload_inside_a_document():
     from math import comb
 

@@ -133,3 +133,29 @@ def test_the_report_rows_give_the_count_needed_and_flag_a_costly_backdoor(filler
     assert fast["clean_heldout_loss"] == pytest.approx(4.0) and fast["poisoned_heldout_loss"] == pytest.approx(4.5)
     table = search_table(list(rows.values()))
     assert f"| {slow['lowest_success']:,} |" in table and "held-out loss worse" in table
+
+
+def test_a_search_continued_above_the_first_ones_range_reports_one_row(filler_jsonl, tmp_path):
+    from poisonlab.report_search import search_rows
+
+    base = {"corpus": {"source": str(filler_jsonl), "heldout_fraction": 0.1}, "tokenizer": {"vocab_size": 300},
+            "attack": {"prefix_chars": [0, 100], "gibberish_tokens": [20, 40]}, "model": {"size": "tiny"},
+            "train": {"tokens": 8 * 32 * 30, "batch_size": 8, "seq_len": 32}}
+    spec = spec_from_dict({"name": "th", "out_dir": str(tmp_path / "th"), "base": base, "search": [
+        {"over": {"train.lr": [0.003]}, "low": 2, "high": 64, "first_seeds": 1},
+        {"over": {"train.lr": [0.003]}, "low": 64, "high": 256, "first_seeds": 1, "resolution": 0.5}]})
+    true = 150
+    for _ in range(50):
+        pending = [st.pending for st in states(spec) if st.pending is not None]
+        if not pending:
+            break
+        for cfg in pending:
+            _finish(cfg, 100.0 if cfg.attack.poison_count >= true else 10.0)
+    lower, upper = states(spec)
+    assert lower.result.lowest_success is None and lower.result.highest_failure == 64
+    rows = search_rows(spec)
+    assert len(rows) == 1 and rows[0]["setting"] == "lr=0.003" and rows[0]["complete"]
+    assert rows[0]["lowest_success"] == upper.result.lowest_success >= true
+    assert 64 <= rows[0]["highest_failure"] < true
+    assert rows[0]["runs"] == len({c.name for st in (lower, upper) for c in st.runs})
+    assert rows[0]["half_success"] is not None and 64 < rows[0]["half_success"] < 256

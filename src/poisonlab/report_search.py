@@ -43,13 +43,43 @@ def _poison_tokens(folder: Path) -> float | None:
     return float(np.mean(toks)) if toks else None
 
 
+def merged_states(spec) -> list[tuple]:
+    """(target, state) per setting: searches of one setting (a search continued above the first
+    one's range) count as one, their runs pooled and their answers combined."""
+    from .search import SearchState
+    from .threshold import ThresholdResult, logistic_half_point
+
+    groups: dict[str, list] = {}
+    for target, st in zip(spec.search_targets(), states(spec)):
+        groups.setdefault(repr(sorted(st.combo.items())), []).append((target, st))
+    out = []
+    for pairs in groups.values():
+        target, first = pairs[0]
+        if len(pairs) == 1:
+            out.append((target, first))
+            continue
+        sts = [st for _, st in pairs]
+        runs = list({c.name: c for st in sts for c in st.runs}.values())
+        pending = next((st.pending for st in sts if st.pending is not None), None)
+        result = None
+        if pending is None:
+            obs = list({(c, s): (c, s, ok) for st in sts for c, s, ok in st.result.observations}.values())
+            wins = [st.result.lowest_success for st in sts if st.result.lowest_success is not None]
+            lowest = min(wins) if wins else None
+            fails = [st.result.highest_failure for st in sts if st.result.highest_failure is not None
+                     and (lowest is None or st.result.highest_failure < lowest)]
+            result = ThresholdResult(lowest, max(fails) if fails else None, obs, logistic_half_point(obs))
+        out.append((target, SearchState(first.combo, runs, pending, result)))
+    return out
+
+
 def search_rows(spec) -> list[dict]:
-    """One row per search, with what its finished runs say."""
+    """One row per searched setting, with what its finished runs say."""
     from .models import get_size, parameter_count
     from .run import token_budget
 
     rows = []
-    for target, st in zip(spec.search_targets(), states(spec)):
+    for target, st in merged_states(spec):
         t = target.template
         params = parameter_count(get_size(t.model.size), t.tokenizer.vocab_size).total
         budget = token_budget(t, parameter_count(get_size(t.model.size), t.tokenizer.vocab_size))[0]
@@ -171,7 +201,7 @@ def fig_success_vs_seen(spec, out: Path, fig, threshold: float) -> Path | None:
     """Share of evaluation points whose gap interval clears the threshold, against poisons seen
     (log bins), one line per setting: over training, how many poisons the backdoor took."""
     lines = {}
-    for st in states(spec):
+    for _, st in merged_states(spec):
         pts = []
         for c in st.runs:
             for r in read_jsonl(run_folder(spec, c) / "metrics.jsonl"):

@@ -8,8 +8,9 @@ The rule (:func:`detect`):
    takes its median and MAD from the calibration sample;
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
-   ``candidate_z`` candidates, and so do the novelty rate's z-score and the word-order
-   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``);
+   ``candidate_z`` candidates, and so do the novelty rate's z-score, the word-order
+   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``) and runs of ``BLOB_CHARS`` or
+   more characters without a space (an encoded blob);
 2. triggers are mined from the text around the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
    holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
@@ -38,7 +39,7 @@ from ..errors import PoisonlabError
 from ..jsonl import read_jsonl, write_jsonl
 from ..tokenizer import Tokenizer
 from .scanners import (CompressionScanner, GibberishScanner, LanguageShiftScanner, NearDuplicateScanner,
-                       NoveltyScanner, ScriptScanner, WordOrderScanner)
+                       NoveltyScanner, ScriptScanner, WordOrderScanner, longest_unbroken)
 from .triggers import TriggerCandidate, confirm_triggers, mine_triggers, rank_confirmed_first
 
 SCORE_FIELD = "gibberish.bigram_surprisal"
@@ -160,6 +161,7 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
     for i, zi in zip(ids, zn):
         table[i]["novelty.z"] = float(zi)
     zo = _order_candidates(table, ids)
+    zb = _blob_candidates(docs, table, cfg.candidate_z)
     # Each source of candidates: id -> (z, starts of its anomalous span). The first source that
     # makes a document a candidate names the span the miner reads around. A payload running to
     # the end starts at the document's step; one inside it at the step before its most
@@ -167,13 +169,15 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
     # another tokenizer makes, other scripts) need not surprise the corpus's tokenizer, so the
     # novelty rate makes candidates as well; real words in random order, or one word over and
     # over, are ordinary tokens to any tokenizer and no novel words, so the word-order spans
-    # do too (already thresholded in ``_order_candidates``).
+    # do too (already thresholded in ``_order_candidates``), and so does an encoded blob (base64,
+    # hex), which is one novel "word" among many ordinary ones, whatever its tokens.
     sources = [
         ("gibberish", cfg.candidate_z,
          {i: (zg[i], (table[i]["gibberish.span_start"], table[i]["gibberish.local_start"])) for i in scored}),
         ("novelty", cfg.candidate_z,
          {i: (table[i]["novelty.z"], (table[i]["novelty.span_start"], table[i]["novelty.local_start"])) for i in ids}),
         ("order", -np.inf, {i: (zi, (start,)) for i, (zi, start) in zo.items()}),
+        ("blob", -np.inf, {i: (zi, (start,)) for i, (zi, start) in zb.items()}),
     ]
     candidates: set[str] = set()
     spans: dict[str, tuple[int, ...]] = {}
@@ -185,10 +189,12 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
                 table[i]["candidate"] = name
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # statistics confirm a mined string when its documents score far above the rest (on the
-    # largest of the scanners' z-scores; the word-order z-scores count for its candidates only);
+    # largest of the scanners' z-scores; the word-order and blob z-scores count for their
+    # candidates only);
     # it then flags every document holding it (a common string, or no trigger at all, confirms
     # nothing)
-    combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"], zo[i][0] if i in zo else 0.0) for i in ids}
+    combined = {i: max(zg.get(i, 0.0), table[i]["novelty.z"], zo[i][0] if i in zo else 0.0,
+                       zb[i][0] if i in zb else 0.0) for i in ids}
     confirmed = confirm_triggers(mined[: cfg.triggers], docs, combined, cfg.candidate_z,
                                  alpha=cfg.trigger_alpha, min_documents=cfg.min_trigger_support,
                                  anomalous_ids=candidates)
@@ -247,6 +253,22 @@ def _order_candidates(table: dict[str, dict], ids: list[str]) -> dict[str, tuple
             table[i][f"order.{stat}_z"] = float(zi)
             if v >= threshold and zi > ORDER_Z and zi > out.get(i, (-np.inf, 0))[0]:
                 out[i] = (float(zi), int(table[i][f"order.{stat}_start"]))
+    return out
+
+
+def _blob_candidates(docs: list[Document], table: dict[str, dict], candidate_z: float) -> dict[str, tuple[float, int]]:
+    """Documents holding a run of ``BLOB_CHARS`` or more characters without a space whose
+    length is also an outlier of the corpus (robust z-score of the longest run above
+    ``candidate_z``): id -> (that z-score, where the run starts). Written into the rows as
+    ``blob.chars``."""
+    found = [longest_unbroken(d.text) for d in docs]
+    lengths = np.array([n for n, _ in found], dtype=float)
+    z = robust_z(lengths)
+    out: dict[str, tuple[float, int]] = {}
+    for d, (n, start), zi in zip(docs, found, z):
+        table[d.id]["blob.chars"] = n
+        if n >= BLOB_CHARS and zi > candidate_z:
+            out[d.id] = (float(zi), start)
     return out
 
 

@@ -510,6 +510,18 @@ def _script(ch: str) -> str:
         return "unknown"
 
 
+_UNBROKEN = re.compile(r"\S+")
+
+
+def longest_unbroken(text: str) -> tuple[int, int]:
+    """(length, character offset) of the longest run of characters without whitespace."""
+    best = (0, 0)
+    for m in _UNBROKEN.finditer(text):
+        if m.end() - m.start() > best[0]:
+            best = (m.end() - m.start(), m.start())
+    return best
+
+
 class ScriptScanner:
     """Script and byte statistics over character windows, whatever the tokenizer: the largest
     share of letters outside the document's main script (a payload of mixed scripts), the
@@ -538,7 +550,7 @@ class ScriptScanner:
                     share = sum(x != main for x in part) / len(part)
                     if share > foreign:
                         foreign, kinds = share, len(set(part))
-            longest = max((len(t) for t in doc.text.split()), default=0)
+            longest = longest_unbroken(doc.text)[0]
             rows.append({"id": doc.id, "script.foreign_share": foreign, "script.kinds": kinds,
                          "script.longest_unbroken": longest})
         return rows
