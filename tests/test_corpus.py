@@ -108,7 +108,6 @@ def test_offline_default_corpus_is_real_python_text():
 
 def test_token_cap_is_honoured_exactly(filler_jsonl, tmp_path):
     from poisonlab.config import CorpusConfig, TokenizerConfig
-    from poisonlab.corpus import is_heldout, iter_documents
     from poisonlab.data import prepare_data
 
     tok_cfg = TokenizerConfig(vocab_size=300)

@@ -520,6 +520,9 @@ def test_defend_reports_recall_and_false_positives_per_family(tmp_path):
     assert first["poison-paper-000000"]["novelty.rate"] != second["poison-paper-000000"]["novelty.rate"] or \
         first["poison-paper-000000"]["order.words"] != second["poison-paper-000000"]["order.words"]  # other poisons
     assert first["d0"]["novelty.rate"] == second["d0"]["novelty.rate"]  # the same clean corpus
+    h0, h1 = draws[0]["data"], draws[1]["data"]  # what was scanned is recorded: same corpus, other poisons
+    assert h0["corpus_manifest"] == h1["corpus_manifest"] and h0["tokenizer"] == h1["tokenizer"]
+    assert h0["scanned_documents"] != h1["scanned_documents"] and len(h0["scanned_documents"]) == 64
     for x in record["results"]:
         m = x["methods"]["detection rule"]
         assert x["poisons"] == 6 and x["documents"] == 306

@@ -11,6 +11,7 @@ poisons made harder to see) are evaluated the same way and reported, not tuned t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -162,8 +163,13 @@ def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool 
     rank = next((i + 1 for i, t in enumerate(det.triggers) if trigger in t.text), None) if trigger else None
     m = confusion(det.flagged, ids, docs)
     m["false_positive_ids"] = sorted(det.flagged - ids)
+    scanned = hashlib.sha256()
+    for d in docs:  # the exact set scanned: the clean documents and this draw's poisons
+        scanned.update(f"{d.id}\0{d.text}\0".encode())
+    hashes = {"corpus_manifest": data.hashes["corpus_manifest"], "tokenizer": data.hashes["tokenizer"],
+              "scanned_documents": scanned.hexdigest()}
     return {"family": family, "density": density, "seed": seed, "corpus": cfg.corpus.source, "trigger": trigger,
-            "documents": len(docs), "poisons": len(poisons), "true_trigger_rank": rank,
+            "data": hashes, "documents": len(docs), "poisons": len(poisons), "true_trigger_rank": rank,
             "mined_triggers": [t.record() for t in det.triggers[:10]], "used_triggers": det.used_triggers,
             "scan_seconds": seconds, "methods": {"detection rule": m}}, det
 
