@@ -398,6 +398,11 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
     ids |= {"v2", "v3"}  # all four candidates: improbable at the base rate, confirmed
     kept = confirm_triggers([few, mined[1]], docs + table, zt, candidate_z=3.0, anomalous_ids=ids)
     assert [x.text for x in kept] == ["1 Byte 2", "<SUDO>"] and kept[0].enrichment_p < 1e-4
+    # the same cell after the same word on every page (one table format): no variation before it
+    same_header = [Document(d.id, d.text.replace(f" Byte {i} 1 Byte 2", " Byte 0 Byte 1 Byte 2"), "")
+                   for i, d in enumerate(table)]
+    assert [x.text for x in confirm_triggers([few, mined[1]], docs + same_header, zt, candidate_z=3.0,
+                                             anomalous_ids=ids)] == ["<SUDO>"]
     # the ranking a user reads: confirmed strings first, strongest enrichment first, then the
     # miner's order (here the miner put "the" first)
     ranked = rank_confirmed_first(mined + [few], kept)

@@ -207,7 +207,7 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
     explains (both at ``alpha`` over the number of strings tested), typically
     anomalous (median z at least ``min_median_z``), the string is where the anomalous span
     starts in at least ``min_at_span`` of them, and the words before it vary (distinct
-    preceding words over documents at least ``min_diversity``) and the documents are not
+    preceding words over documents at least ``min_diversity``, and more than one) and the documents are not
     copies of one template (mean Jaccard similarity of their sets of word pairs at most
     ``max_similarity``: generated codec docstrings share 0.39, poisons built on different clean
     documents and random payloads share little but the trigger). A common string is in many clean
@@ -237,8 +237,10 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         at_span = t.near_span / n
         # poisons put the trigger after prefixes of many different documents; a template (codec
         # tables generated from one header) puts its shared string after the same words each time
+        # (one distinct word is no variation, however few the documents: four pages of one table
+        # format put `1 Byte 2` after `Byte` each time, which is a quarter of four)
         before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
-        diversity = len(set(before)) / n
+        diversity = len(set(before)) / n if len(set(before)) > 1 else 0.0
         similarity = _mutual_similarity([f for f, h in zip(flats, holds) if h], t.text)
         # the rank-sum test alone is lenient with a handful of documents the miner chose because
         # they were anomalous (four pages of one table format, three of them candidates): the
