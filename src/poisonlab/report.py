@@ -91,8 +91,9 @@ def _fig(path: Path, draw) -> Path:
 def _panels(plt, n: int, title: str):
     cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
-    fig.suptitle(title, y=1.03)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    fig.suptitle(title, y=1.0)
+    fig.subplots_adjust(hspace=0.45)
     flat = axes.ravel()
     for ax in flat[n:]:
         ax.axis("off")
@@ -118,6 +119,9 @@ def _gap_panels(data, out: Path, threshold: float, panel: str, line: str, x: str
 
     def draw(plt):
         fig, axes = _panels(plt, len(panels), title)
+        # one colour per line value in every panel (a panel holding only the largest size
+        # must not draw it in the smallest size's colour)
+        colour = {lv: f"C{i % 10}" for i, lv in enumerate(order[line])}
         for ax, pv in zip(axes, panels):
             for lv in order[line]:
                 key = (pv, lv, mult) if panel == "model_size" else (lv, pv, mult)
@@ -126,13 +130,13 @@ def _gap_panels(data, out: Path, threshold: float, panel: str, line: str, x: str
                     continue
                 xs, m, lo, hi = _mean_band(runs, x)
                 label = f"{lv} poisons" if line == "poison_count" else f"{lv} ({len(runs)} seed{'s' * (len(runs) > 1)})"
-                handle, = ax.plot(scale * xs, m, marker="o", markersize=3, label=label)
-                ax.fill_between(scale * xs, lo, hi, color=handle.get_color(), alpha=0.2)
+                ax.plot(scale * xs, m, marker="o", markersize=3, label=label, color=colour[lv])
+                ax.fill_between(scale * xs, lo, hi, color=colour[lv], alpha=0.2)
             _style_gap_axis(ax, threshold)
             ax.set_title(f"model {pv}" if panel == "model_size" else f"{pv} poisons")
             ax.set_xlabel("% of training" if x == "fraction" else "poisoned documents seen")
+            ax.legend(fontsize=7)
         axes[0].set_ylabel("perplexity gap")
-        axes[0].legend(fontsize=8)
         return fig
 
     return _fig(out / filename, draw)
