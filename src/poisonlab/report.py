@@ -62,18 +62,23 @@ def _size_order(data) -> list[str]:
 
 
 def _mean_band(runs: list[dict], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Mean gap over seeds at each x shared by all seeds; band = min..max over seeds, or the CI for one seed."""
-    common = sorted(set.intersection(*[{p[x] for p in r["series"]} for r in runs]))
-    if not common:
+    """Mean gap over seeds against ``x``; band = min..max over seeds, or the CI for one seed.
+    Seeds evaluated at other values of ``x`` (poisons seen differ by seed) are interpolated onto
+    the union of their points, over the range every seed covers."""
+    series = [sorted(r["series"], key=lambda p: p[x]) for r in runs]
+    if any(not s for s in series):
         return (np.array([]),) * 4
-    by = [{p[x]: p for p in r["series"]} for r in runs]
-    gaps = np.array([[b[c]["perplexity_gap"] for c in common] for b in by])
     if len(runs) == 1:
-        lo = np.array([by[0][c]["gap_ci_low"] for c in common])
-        hi = np.array([by[0][c]["gap_ci_high"] for c in common])
-    else:
-        lo, hi = gaps.min(axis=0), gaps.max(axis=0)
-    return np.array(common, dtype=float), gaps.mean(axis=0), lo, hi
+        s = series[0]
+        return (np.array([p[x] for p in s], dtype=float), np.array([p["perplexity_gap"] for p in s]),
+                np.array([p["gap_ci_low"] for p in s]), np.array([p["gap_ci_high"] for p in s]))
+    lo_x = max(s[0][x] for s in series)
+    hi_x = min(s[-1][x] for s in series)
+    grid = np.array(sorted({p[x] for s in series for p in s if lo_x <= p[x] <= hi_x}), dtype=float)
+    if not len(grid):
+        return (np.array([]),) * 4
+    gaps = np.array([np.interp(grid, [p[x] for p in s], [p["perplexity_gap"] for p in s]) for s in series])
+    return grid, gaps.mean(axis=0), gaps.min(axis=0), gaps.max(axis=0)
 
 
 def _fig(path: Path, draw) -> Path:
