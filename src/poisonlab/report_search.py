@@ -169,27 +169,31 @@ def fig_poisons_needed(rows: list[dict], out: Path, fig) -> Path | None:
         for r in done:
             label = r["setting"].replace(f"size={r['model_size']}", "").strip(", ") or "Chinchilla budget"
             by_mult.setdefault(label, []).append(r)
-        for label, rs in by_mult.items():
+        ax2 = None
+        for k, (label, rs) in enumerate(by_mult.items()):
+            colour = f"C{k % 10}"
             rs.sort(key=lambda r: r["parameters"])
             x = [r["parameters"] for r in rs]
             y = [r["lowest_success"] for r in rs]
             lo = [r["lowest_success"] - (r["highest_failure"] or 0) for r in rs]
-            ax.errorbar(x, y, yerr=[lo, [0] * len(rs)], marker="o", capsize=3, label=f"{label}: smallest success")
+            ax.errorbar(x, y, yerr=[lo, [0] * len(rs)], marker="o", capsize=3, color=colour,
+                        label=f"{label}: smallest success")
             half = [(r["parameters"], r["half_success"]) for r in rs if r["half_success"]]
             if half:
-                ax.plot(*zip(*half), linestyle=":", marker="x", label=f"{label}: 50% point")
+                ax.plot(*zip(*half), linestyle=":", marker="x", color=colour, label=f"{label}: 50% point")
+            shared = [r for r in rs if r.get("poison_share")]
+            if shared:  # one share line per budget, in its colour, on the second axis
+                ax2 = ax2 or ax.twinx()
+                ax2.plot([r["parameters"] for r in shared], [100 * r["poison_share"] for r in shared], "s--",
+                         color=colour, alpha=0.35)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("parameters")
         ax.set_ylabel("poisons needed")
         ax.grid(alpha=0.3, which="both")
-        shared = [r for r in done if r.get("poison_share")]
-        if shared:
-            ax2 = ax.twinx()
-            ax2.plot([r["parameters"] for r in shared], [100 * r["poison_share"] for r in shared], "s--",
-                     color="grey", alpha=0.6, label="share of training tokens")
+        if ax2 is not None:
             ax2.set_yscale("log")
-            ax2.set_ylabel("% of training tokens (grey)")
+            ax2.set_ylabel("% of training tokens (squares, dashed)")
         ax.set_title("Poisons needed vs model size")
         ax.legend(fontsize=7, loc="upper left")
         return f
