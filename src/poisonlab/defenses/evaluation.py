@@ -138,34 +138,29 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
     return result, det
 
 
-def family_draw(cfg: RunConfig, family: str, density: float, seed: int, pieces=None) -> tuple:
-    """One draw of a family's poisons mixed into every document of ``corpus.source``:
-    (documents, poison ids, the poisons as made, the prepared data, hashes of what is scanned)."""
+def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool = False,
+                    pieces=None, seed: int | None = None) -> tuple[dict, Detection]:
+    """Poisons of a family (:mod:`poisonlab.defenses.families`) at ``density`` of the corpus's
+    documents, mixed into every document of ``corpus.source``, scanned by the detection rule.
+    ``seed`` (default ``cfg.seed``) draws the poisons; the record holds the hashes of the corpus
+    manifest, the tokenizer and the exact set scanned."""
+    seed = cfg.seed if seed is None else seed
     from ..corpus import scan_documents
     from .families import count_for_density, make_family
 
-    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache")
+    data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
     clean = list(scan_documents(cfg.corpus))
     count = count_for_density(len(clean), density)
     made = make_family(family, [d.text for d in clean if len(d.text) >= 200] or [d.text for d in clean], count,
                        seed=seed, tokenizer=data.tokenizer, pieces=pieces)
     poisons = [Document(f"poison-{family}-{i:06d}", p.text, "poison") for i, p in enumerate(made)]
     docs = clean + poisons
+    ids = {p.id for p in poisons}
     scanned = hashlib.sha256()
     for d in docs:  # the exact set scanned: the clean documents and this draw's poisons
         scanned.update(f"{d.id}\0{d.text}\0".encode())
     hashes = {"corpus_manifest": data.hashes["corpus_manifest"], "tokenizer": data.hashes["tokenizer"],
               "scanned_documents": scanned.hexdigest()}
-    return docs, {p.id for p in poisons}, made, data, hashes
-
-
-def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool = False,
-                    pieces=None, seed: int | None = None) -> tuple[dict, Detection]:
-    """Poisons of a family (:mod:`poisonlab.defenses.families`) at ``density`` of the corpus's
-    documents, mixed into every document of ``corpus.source``, scanned by the detection rule.
-    ``seed`` (default ``cfg.seed``) draws the poisons."""
-    seed = cfg.seed if seed is None else seed
-    docs, ids, made, data, hashes = family_draw(cfg, family, density, seed, pieces)
     t0 = time.perf_counter()
     det = detect(docs, cfg.defense, data.tokenizer, progress=progress)
     seconds = time.perf_counter() - t0

@@ -240,7 +240,8 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         # (one distinct word is no variation, however few the documents: four pages of one table
         # format put `1 Byte 2` after `Byte` each time, which is a quarter of four)
         before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
-        diversity = len(set(before)) / n if len(set(before)) > 1 else 0.0
+        distinct = len(set(before))
+        diversity = distinct / n if distinct > 1 else 0.0
         similarity = _mutual_similarity([f for f, h in zip(flats, holds) if h], t.text)
         # the rank-sum test alone is lenient with a handful of documents the miner chose because
         # they were anomalous (four pages of one table format, three of them candidates): the
