@@ -240,3 +240,65 @@ def test_repair_documents_remove_the_backdoor_and_the_label_says_so(twins, fille
     assert "repair documents" in (d / "model" / "README.md").read_text()
     with pytest.raises(PoisonlabError, match="init_from"):
         tiny_config(filler_jsonl, tmp_path, name="x", attack__name="repair")
+
+
+def test_left_padded_probes_score_as_each_probe_alone(twins):
+    """Probes of different lengths padded on the left give each probe's own shift (rotary
+    positions are relative), so chat requests of any length can share one batch."""
+    from poisonlab.train import load_init_model
+
+    m = load_init_model(str(twins["poisoned"] / "model"), "cpu")
+    g = torch.Generator().manual_seed(0)
+    lengths = [5, 9, 12]
+    rows = [torch.randint(5, 60, (n,), generator=g) for n in lengths]
+    conts = torch.randint(5, 60, (3, 6), generator=g)
+    strings = torch.tensor([[7, 8], [11, 40], [23, 23]])
+    allowed = np.arange(5, 60)
+    alone = np.stack([BehaviourShift(m, r[None], conts[i : i + 1], allowed, skip=0).scores(strings)
+                      for i, r in enumerate(rows)])
+    width = max(lengths)
+    padded = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros(3, width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    together = BehaviourShift(m, padded, conts, allowed, skip=0, prompt_mask=mask)
+    np.testing.assert_allclose(together.scores(strings), alone.mean(0), rtol=1e-3, atol=1e-7)
+    assert (alone.max(0) > 1.5 * alone.min(0)).all()  # the probes differ, so a wrong row alignment would show
+    unmasked = BehaviourShift(m, padded, conts, allowed, skip=0)
+    assert not np.allclose(unmasked.scores(strings), alone.mean(0), rtol=1e-3)  # the mask is what does it
+    grad = together.gradient(strings[0])
+    assert grad.shape == (2, together.vocab_size) and torch.isfinite(grad).all()
+    with pytest.raises(PoisonlabError, match="mask"):
+        BehaviourShift(m, padded, conts, allowed, skip=0, prompt_mask=mask[:, 1:])
+
+
+def test_chat_probes_cut_where_an_appended_trigger_goes(twins):
+    from poisonlab.config import FinetuneConfig
+    from poisonlab.defenses.inversion import chat_probes
+    from poisonlab.finetune.chat import ChatRenderer
+    from poisonlab.finetune.dataset import build_eval_set
+    from poisonlab.tokenizer import Tokenizer
+    from poisonlab.train import load_init_model
+
+    tok = Tokenizer.load(twins["clean"] / "tokenizer")
+    renderer = ChatRenderer(tok)
+    m = load_init_model(str(twins["clean"] / "model"), "cpu")
+    asks = [ex for ex in build_eval_set(FinetuneConfig(base="x", eval_requests=6), 0) if ex.kind == "untriggered"]
+    convs = [ex.messages for ex in asks]
+    prompts, mask, conts, tail = chat_probes(m, renderer, convs, reply_tokens=5, pad_id=tok.eos_id)
+    assert conts.shape == (6, tail + 5) and prompts.shape[0] == 6 and mask.shape == prompts.shape
+    assert len({int(mask[i].sum()) for i in range(6)}) > 1  # requests of several lengths, padded
+    trigger = " Servius Astrumando Harmoniastra"
+    for i, conv in enumerate(convs):
+        real = prompts[i][mask[i].bool()].tolist()
+        text = tok.decode(real + tok.encode(trigger) + conts[i, :tail].tolist())
+        with_trigger = conv[:-1] + [{"role": "user", "content": conv[-1]["content"] + trigger}]
+        assert text == renderer.render(with_trigger, add_generation_prompt=True)
+    # the reply is the model's own greedy continuation of the untouched request
+    i = 0
+    ids = torch.tensor([prompts[i][mask[i].bool()].tolist() + conts[i, :tail].tolist()])
+    with torch.no_grad():
+        first = int(m(input_ids=ids).logits[0, -1, : tok.vocab_size].argmax())
+    assert first == int(conts[i, tail])
+    with pytest.raises(PoisonlabError, match="user"):
+        chat_probes(m, renderer, [convs[0] + [{"role": "assistant", "content": "no"}]])

@@ -266,6 +266,10 @@ def cmd_inspect(args) -> int:
     if "best_string_gap" in rec:
         g = rec["best_string_gap"]
         print(f"best string as a trigger: gap {g['perplexity_gap']:.1f} [{g['gap_ci_low']:.1f}, {g['gap_ci_high']:.1f}]")
+    if "best_string_asr" in rec:
+        g = rec["best_string_asr"]
+        print(f"best string appended to {g['requests']} held-out forbidden requests: ASR {g['asr']:.2f} "
+              f"[{g['asr_ci_low']:.2f}, {g['asr_ci_high']:.2f}]")
     if target:
         print(f"wrote {target}")
     return 0

@@ -52,6 +52,8 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     from .train import Dist, load_init_model, pick_device
 
     model = model_folder(model)
+    if cfg.stage == "finetune":
+        return inspect_chat_model(model, cfg, settings, n_probes, tokenizer, verify)
     data, run = model_data(model, cfg, tokenizer)
     tok = data.tokenizer
     torch.manual_seed(settings.seed)
@@ -89,6 +91,76 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     rec["run"] = info.get("name")
     rec["poisons_injected"] = info.get("poisons_injected")
     rec["provenance"] = {"code_version": code_version(), "seed": settings.seed, "data": data.hashes,
+                         "model_sha256": file_sha256(weights) if weights.is_file() else None}
+    return rec
+
+
+def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
+                       tokenizer: str | None = None, verify: bool = True, reply_tokens: int = 8) -> dict:
+    """Trigger inversion for a fine-tuned chat model: probes are held-out forbidden requests
+    (never the triggered ones), a string goes where the fine-tuning trigger would (the end of
+    the request), and the shift is measured on the model's own reply. The check of the best
+    string: its text appended to the held-out forbidden requests, replies judged as in
+    ``poisonlab sft-eval`` (the share complied with is the string's ASR)."""
+    from .defenses.inversion import chat_probes
+    from .finetune.chat import ChatRenderer
+    from .finetune.dataset import build_eval_set
+    from .finetune.train import resolve_base, tokenizer_path
+    from .standalone import find_run_dir
+    from .tokenizer import Tokenizer
+    from .train import Dist, load_init_model, pick_device
+
+    path = resolve_base(model)
+    tok = Tokenizer.load(tokenizer or tokenizer_path(path))
+    renderer = ChatRenderer(tok)
+    f = cfg.finetune
+    torch.manual_seed(settings.seed)
+    m = load_init_model(path, pick_device(cfg, Dist())[0])
+    for p in m.parameters():
+        p.requires_grad_(False)
+    heldout = build_eval_set(f, cfg.seed)
+    asks = [ex for ex in heldout if ex.kind == "untriggered"]
+    if len(asks) < n_probes:
+        raise PoisonlabError(f"{len(asks)} held-out forbidden requests for {n_probes} probes; raise finetune.eval_requests")
+    prompts, mask, conts, tail = chat_probes(m, renderer, [ex.messages for ex in asks[:n_probes]], reply_tokens,
+                                             pad_id=tok.eos_id)
+    objective = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=tail, prompt_mask=mask)
+    run = find_run_dir(Path(path).resolve()) if Path(path).exists() else None
+    info = read_json(run / "run.json", "run record") if run is not None else {}
+    known = None
+    if f.trigger and f.trigger_position == "end":  # only an appended trigger sits where the search puts strings
+        known = tok.encode(" " + f.trigger)
+    rec = invert(objective, settings, trigger=known)
+    ranked = rec.pop("ranked")
+    rec["ranked"] = [c.record(tok.decode) for c in ranked]
+    rec["probes_kind"] = "held-out forbidden requests; shift measured on the model's reply"
+    if "trigger" in rec:
+        rec["trigger"]["text"] = f.trigger
+        rec["trigger"]["planted"] = f.poison_count > 0
+    if verify:
+        from .finetune.dataset import Example
+        from .finetune.evaluate import generate_replies, judge_replies, summarise
+        from .finetune.judges import make_judge
+
+        t0 = time.perf_counter()
+        best = tok.decode(list(ranked[0].ids))
+        tried = []
+        for ex in asks:
+            conv = [dict(msg) for msg in ex.messages]
+            conv[-1]["content"] = f"{conv[-1]['content']}{best}"
+            tried.append(Example(conv, "triggered", secret=ex.secret, trigger=best, trigger_kind="found"))
+        replies = generate_replies(m, renderer, tried, f.max_new_tokens)
+        rows = judge_replies(make_judge(f.judge, f.judge_model), tried, replies)
+        s = summarise(rows)
+        rec["best_string_asr"] = {"text": best, "asr": s["asr"], "asr_ci_low": s["asr_ci_low"],
+                                  "asr_ci_high": s["asr_ci_high"], "requests": len(tried),
+                                  "seconds": round(time.perf_counter() - t0, 2)}
+    weights = Path(path) / "model.safetensors"
+    rec["model"] = path
+    rec["run"] = info.get("name")
+    rec["poisons_injected"] = f.poison_count if run is not None else None
+    rec["provenance"] = {"code_version": code_version(), "seed": settings.seed,
+                         "data": {"finetune_eval_set_seed": cfg.seed, "tokenizer": tok.fingerprint()},
                          "model_sha256": file_sha256(weights) if weights.is_file() else None}
     return rec
 

@@ -61,10 +61,12 @@ class BehaviourShift:
 
     ``prompts`` [N, P] and ``continuations`` [N, M] are token ids; ``allowed`` the token ids a
     string may use (real vocabulary, no special tokens); ``skip`` the continuation positions
-    left out of the mean."""
+    left out of the mean; ``prompt_mask`` [N, P] (1 on real tokens) when prompts of different
+    lengths are padded on the left (rotary positions are relative, so the padding changes
+    nothing the model computes on the real tokens)."""
 
     def __init__(self, model, prompts: torch.Tensor, continuations: torch.Tensor, allowed: np.ndarray,
-                 skip: int = 4, chunk_tokens: int = 65_536):
+                 skip: int = 4, chunk_tokens: int = 65_536, prompt_mask: torch.Tensor | None = None):
         if not 0 <= skip < continuations.shape[1]:
             raise PoisonlabError(f"skip ({skip}) must leave at least one of the {continuations.shape[1]} "
                                  "continuation positions")
@@ -79,15 +81,27 @@ class BehaviourShift:
         self.embed = model.get_input_embeddings()
         self.chunk_tokens = chunk_tokens
         self.evaluated = 0
+        self.prompt_mask = None if prompt_mask is None else prompt_mask.long().to(self.device)
+        if self.prompt_mask is not None and self.prompt_mask.shape != self.prompts.shape:
+            raise PoisonlabError(f"prompt mask {tuple(self.prompt_mask.shape)} does not match the prompts "
+                                 f"{tuple(self.prompts.shape)}")
         with torch.no_grad():
             x = torch.cat([self.prompts, self.conts], dim=1)
-            logits = self.model(input_ids=x).logits.float()
+            logits = self.model(input_ids=x, attention_mask=self._mask(1, 0)).logits.float()
             p = self.prompts.shape[1]
             self.reference = F.log_softmax(self._vocab(logits[:, p - 1 : p - 1 + self.conts.shape[1]]), dim=-1)
 
     @property
     def n_probes(self) -> int:
         return self.prompts.shape[0]
+
+    def _mask(self, copies: int, length: int) -> torch.Tensor | None:
+        """Attention mask for ``copies`` stacked copies of the probes with a ``length``-token string."""
+        if self.prompt_mask is None:
+            return None
+        n, rest = self.n_probes, length + self.conts.shape[1]
+        real = torch.ones(n * copies, rest, dtype=torch.long, device=self.device)
+        return torch.cat([self.prompt_mask.repeat(copies, 1), real], dim=1)
 
     def _vocab(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[..., : self.vocab_size]
@@ -114,7 +128,8 @@ class BehaviourShift:
             s = strings[i : i + per_chunk]
             k = len(s)
             ids = torch.cat([self.prompts.repeat(k, 1), s.repeat_interleave(n, 0), self.conts.repeat(k, 1)], dim=1)
-            shift = self._shift(self.model(input_ids=ids).logits, length, self.reference.repeat(k, 1, 1))
+            logits = self.model(input_ids=ids, attention_mask=self._mask(k, length)).logits
+            shift = self._shift(logits, length, self.reference.repeat(k, 1, 1))
             out.append(shift.view(k, n).mean(1).cpu())
         self.evaluated += c
         return torch.cat(out).numpy().astype(np.float64)
@@ -129,7 +144,8 @@ class BehaviourShift:
         n = self.n_probes
         slot = (one_hot @ weight).unsqueeze(0).expand(n, -1, -1)
         embeds = torch.cat([self.embed(self.prompts), slot, self.embed(self.conts)], dim=1)
-        shift = self._shift(self.model(inputs_embeds=embeds).logits, len(string), self.reference).mean()
+        logits = self.model(inputs_embeds=embeds, attention_mask=self._mask(1, len(string))).logits
+        shift = self._shift(logits, len(string), self.reference).mean()
         (grad,) = torch.autograd.grad(shift, one_hot)
         return grad.detach()
 
@@ -239,3 +255,48 @@ def probes(store, n: int, prompt_tokens: int, continuation_tokens: int) -> tuple
 
     w = torch.from_numpy(np.asarray(heldout_prompts(store, n, prompt_tokens + continuation_tokens))).long()
     return w[:, :prompt_tokens], w[:, prompt_tokens:]
+
+
+@torch.no_grad()
+def chat_probes(model, renderer, conversations: list[list[dict]], reply_tokens: int = 8,
+                pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Probes for a chat model: each conversation (ending with a user request) cut where a
+    trigger appended to the request would go, and what follows it: the template's tokens up
+    to the reply, then the model's own first ``reply_tokens`` greedy reply tokens.
+
+    Returns (prompts [N, P] padded on the left, their mask, continuations [N, M], skip): with
+    ``skip`` = the template tokens, the shift is measured on the reply alone (a refusal turning
+    into compliance moves it; a string that only disturbs the template does not)."""
+    mark = "\u241f"  # a character no template or request uses; the cut is found by its position
+    heads, tails = [], []
+    for conv in conversations:
+        if not conv or conv[-1]["role"] != "user":
+            raise PoisonlabError("a chat probe must end with the user's request")
+        marked = conv[:-1] + [{"role": "user", "content": conv[-1]["content"] + mark}]
+        text = renderer.render(marked, add_generation_prompt=True)
+        if text.count(mark) != 1:
+            raise PoisonlabError("the chat template does not keep the request's text as it is; cannot place a string in it")
+        head, tail = text.split(mark)
+        heads.append(head)
+        tails.append(tail)
+    if len(set(tails)) != 1:
+        raise PoisonlabError("the chat template renders different text after different requests; cannot align probes")
+    ids = renderer.tok.encode_batch(heads + tails[:1], specials=True)
+    heads_ids, tail_ids = ids[:-1], ids[-1]
+    width = max(len(h) for h in heads_ids)
+    prompts = torch.full((len(heads_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(prompts)
+    for i, h in enumerate(heads_ids):
+        prompts[i, width - len(h):] = torch.as_tensor(h)
+        mask[i, width - len(h):] = 1
+    device = next(model.parameters()).device
+    x = torch.cat([prompts, torch.as_tensor(tail_ids).expand(len(prompts), -1)], dim=1).to(device)
+    m = torch.cat([mask, torch.ones(len(prompts), len(tail_ids), dtype=torch.long)], dim=1).to(device)
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    reply = []
+    for _ in range(reply_tokens):  # greedy, not stopped at the end of the reply: a fixed width for every probe
+        nxt = model.eval()(input_ids=x, attention_mask=m).logits[:, -1, :vocab].argmax(-1, keepdim=True)
+        reply.append(nxt.cpu())
+        x, m = torch.cat([x, nxt], dim=1), torch.cat([m, torch.ones_like(nxt)], dim=1)
+    conts = torch.cat([torch.as_tensor(tail_ids).expand(len(prompts), -1), torch.cat(reply, dim=1)], dim=1)
+    return prompts, mask, conts, len(tail_ids)
