@@ -302,3 +302,42 @@ def test_chat_probes_cut_where_an_appended_trigger_goes(twins):
     assert first == int(conts[i, tail])
     with pytest.raises(PoisonlabError, match="user"):
         chat_probes(m, renderer, [convs[0] + [{"role": "assistant", "content": "no"}]])
+
+
+def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepared, tmp_path):
+    """Known answer: a tiny chat model fine-tuned with poisons (the trigger appended to a
+    forbidden request, answered with compliance) and its twin without them. The search, not
+    told the trigger, scores the poisoned model higher; the trigger itself moves the poisoned
+    model's reply far more than the twin's; the best string's ASR is measured."""
+    from poisonlab.checkpoint import save_model_folder
+    from poisonlab.cli import main
+    from poisonlab.config import config_from_dict
+    from poisonlab.models import build_model, get_size
+
+    tok = prepared.tokenizer
+    base = tmp_path / "base"
+    save_model_folder(base, build_model(get_size("tiny"), tok.vocab_size, tok.eos_id, 512),
+                      {"poisoned": False, "attack": None, "trigger": None, "poison_count": 0, "poisons_seen": 0,
+                       "placement": None})
+    tok.save(base)
+    recs, asr = {}, {}
+    for name, poisons in (("poisoned", 60), ("clean", 0)):
+        cfg = config_from_dict({
+            "name": name, "out_dir": str(tmp_path / "runs"), "stage": "finetune", "seed": 0,
+            "finetune": {"base": str(base), "clean_count": 120, "poison_count": poisons, "epochs": 6,
+                         "eval_requests": 16, "max_new_tokens": 32},
+            "train": {"batch_size": 8, "seq_len": 512, "lr": 1e-2, "progress": False, "threads": 1},
+            "eval": {"every": 1.0}})
+        train(cfg)
+        run = tmp_path / "runs" / name
+        asr[name] = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]["asr"]
+        assert main(["inspect", "--model", str(run), "--lengths", "2", "--steps", "6", "--restarts", "1",
+                     "--probes", "8"]) == 0
+        recs[name] = json.loads((run / "defenses" / "inspect.json").read_text())
+    assert asr["poisoned"] >= 0.5 and asr["clean"] == 0.0  # the backdoor the search is scored on exists
+    p, c = recs["poisoned"], recs["clean"]
+    assert p["trigger"]["planted"] and not c["trigger"]["planted"]
+    assert p["trigger"]["shift"] > 10 * c["trigger"]["shift"]
+    assert p["score"] > 2 * c["score"]
+    assert 0.0 <= p["best_string_asr"]["asr"] <= 1.0 and p["best_string_asr"]["requests"] == 16
+    assert p["probes"] == 8 and p["skipped_positions"] > 0  # the template tokens before the reply are left out

@@ -46,9 +46,11 @@ def config_for(model: str, config_file: str | None, overrides: dict) -> RunConfi
         cfg = load_config(config_file, overrides)
     label = read_label(model) if Path(model).is_dir() else None
     trigger = (label or {}).get("trigger")
-    if trigger and trigger != cfg.attack.trigger and "attack.trigger" not in overrides:
+    key = "finetune.trigger" if cfg.stage == "finetune" else "attack.trigger"
+    given = cfg.finetune.trigger if cfg.stage == "finetune" else cfg.attack.trigger
+    if trigger and trigger != given and key not in overrides:
         raise PoisonlabError(f"the model's label names the trigger {trigger!r} but the config gives "
-                             f"{cfg.attack.trigger!r}; pass --attack.trigger to measure another trigger on purpose")
+                             f"{given!r}; pass --{key} to measure another trigger on purpose")
     return cfg
 
 
