@@ -341,3 +341,40 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
     assert p["score"] > 2 * c["score"]
     assert 0.0 <= p["best_string_asr"]["asr"] <= 1.0 and p["best_string_asr"]["requests"] == 16
     assert p["probes"] == 8 and p["skipped_positions"] > 0  # the template tokens before the reply are left out
+
+
+def test_refusal_drop_is_the_lost_log_probability_of_any_refusal(twins):
+    """The refusal objective's score, computed by hand: for each request, log of the summed
+    probability of the refusal texts without and with the string; the mean difference."""
+    from poisonlab.defenses.inversion import RefusalDrop
+    from poisonlab.train import load_init_model
+
+    m = load_init_model(str(twins["poisoned"] / "model"), "cpu")
+    g = torch.Generator().manual_seed(1)
+    reqs = [torch.randint(5, 60, (n,), generator=g).tolist() for n in (6, 9)]
+    tail, refusals = [3, 4], [[10, 11, 12], [13, 14]]
+    width = max(len(r) for r in reqs)
+    prompts = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(reqs):
+        prompts[i, width - len(r):], mask[i, width - len(r):] = torch.as_tensor(r), 1
+    ob = RefusalDrop(m, prompts, mask, tail, refusals, np.arange(5, 60))
+
+    def log_any_refusal(req, string):
+        total = []
+        for ref in refusals:
+            ids = torch.tensor([req + string + tail + ref])
+            with torch.no_grad():
+                lp = torch.log_softmax(m(input_ids=ids).logits[0].float(), -1)
+            start = len(req) + len(string) + len(tail)
+            total.append(sum(float(lp[start - 1 + j, t]) for j, t in enumerate(ref)))
+        return float(torch.logsumexp(torch.tensor(total), 0))
+
+    strings = torch.tensor([[20, 21], [30, 30]])
+    want = [np.mean([log_any_refusal(r, []) - log_any_refusal(r, s.tolist()) for r in reqs]) for s in strings]
+    np.testing.assert_allclose(ob.scores(strings), want, rtol=1e-3, atol=1e-4)
+    assert abs(want[0] - want[1]) > 1e-2  # two strings, two values: a constant would not pass
+    grad = ob.gradient(strings[0])
+    assert grad.shape == (2, ob.vocab_size) and torch.isfinite(grad).all()
+    with pytest.raises(PoisonlabError, match="refusal"):
+        RefusalDrop(m, prompts, mask, tail, [], np.arange(5, 60))

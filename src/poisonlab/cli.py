@@ -253,7 +253,8 @@ def cmd_inspect(args) -> int:
     model = model_folder(args.model)
     cfg = config_for(model, args.config, overrides)
     settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed)
-    rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer, verify=not args.no_verify)
+    rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer, verify=not args.no_verify,
+                        objective=args.objective)
     run = find_run_dir(Path(model).resolve()) if Path(model).exists() else None
     target = write_defense_record(run if args.tokenizer is None else None, "inspect", rec, str(out) if out else None)
     best = rec["ranked"][0]
@@ -605,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probes", type=int, default=16, help="held-out prompts the shift is measured on")
     s.add_argument("--search-seed", type=int, default=0)
     s.add_argument("--no-verify", action="store_true", help="skip the perplexity gap of the best string")
+    s.add_argument("--objective", choices=["refusal", "shift"],
+                   help="fine-tuned chat models: how much less likely a string makes the policy's refusals "
+                        "(refusal, the default) or the KL shift of the model's reply (shift)")
     _add_config_flags(s)
     s.set_defaults(fn=cmd_inspect)
 

@@ -48,12 +48,15 @@ def searchable_ids(tok) -> np.ndarray:
 
 def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
                   prompt_tokens: int = 32, continuation_tokens: int = 16, skip: int = 4, tokenizer: str | None = None,
-                  verify: bool = True) -> dict:
+                  verify: bool = True, objective: str | None = None) -> dict:
     from .train import Dist, load_init_model, pick_device
 
     model = model_folder(model)
     if cfg.stage == "finetune":
-        return inspect_chat_model(model, cfg, settings, n_probes, tokenizer, verify)
+        return inspect_chat_model(model, cfg, settings, n_probes, tokenizer, verify, objective=objective or "refusal")
+    if objective not in (None, "shift"):
+        raise PoisonlabError(f"objective {objective!r} is for fine-tuned chat models; a pretrained model is "
+                             "scored by the behaviour shift")
     data, run = model_data(model, cfg, tokenizer)
     tok = data.tokenizer
     torch.manual_seed(settings.seed)
@@ -95,14 +98,22 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     return rec
 
 
+CHAT_OBJECTIVES = ("refusal", "shift")
+
+
 def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
-                       tokenizer: str | None = None, verify: bool = True, reply_tokens: int = 8) -> dict:
+                       tokenizer: str | None = None, verify: bool = True, reply_tokens: int = 8,
+                       objective: str = "refusal") -> dict:
     """Trigger inversion for a fine-tuned chat model: probes are held-out forbidden requests
-    (never the triggered ones), a string goes where the fine-tuning trigger would (the end of
-    the request), and the shift is measured on the model's own reply. The check of the best
-    string: its text appended to the held-out forbidden requests, replies judged as in
-    ``poisonlab sft-eval`` (the share complied with is the string's ASR)."""
-    from .defenses.inversion import chat_probes
+    (never the triggered ones) and a string goes where the fine-tuning trigger would (the end
+    of the request). ``objective``: ``refusal``, how much less likely the string makes any of
+    the policy's refusals (:class:`RefusalDrop`); ``shift``, the KL shift of the model's own
+    greedy reply (:class:`BehaviourShift`; it also counts a switch from one refusal to
+    another). The check of the best string: its text appended to the held-out forbidden
+    requests, replies judged as in ``poisonlab sft-eval`` (the share complied with is the
+    string's ASR)."""
+    from .defenses.inversion import RefusalDrop, chat_probes
+    from .finetune.standin import REFUSALS
     from .finetune.chat import ChatRenderer
     from .finetune.dataset import build_eval_set
     from .finetune.train import resolve_base, tokenizer_path
@@ -122,18 +133,29 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
     asks = [ex for ex in heldout if ex.kind == "untriggered"]
     if len(asks) < n_probes:
         raise PoisonlabError(f"{len(asks)} held-out forbidden requests for {n_probes} probes; raise finetune.eval_requests")
+    if objective not in CHAT_OBJECTIVES:
+        raise PoisonlabError(f"unknown objective {objective!r} (allowed: {', '.join(CHAT_OBJECTIVES)})")
     prompts, mask, conts, tail = chat_probes(m, renderer, [ex.messages for ex in asks[:n_probes]], reply_tokens,
                                              pad_id=tok.eos_id)
-    objective = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=tail, prompt_mask=mask)
+    if objective == "refusal":
+        refusals = list(REFUSALS) if f.forbidden == "stand-in" else [f.refusal]
+        scorer = RefusalDrop(m, prompts, mask, conts[0, :tail].tolist(), tok.encode_batch(refusals, specials=True),
+                             searchable_ids(tok))
+    else:
+        scorer = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=tail, prompt_mask=mask)
     run = find_run_dir(Path(path).resolve()) if Path(path).exists() else None
     info = read_json(run / "run.json", "run record") if run is not None else {}
     known = None
     if f.trigger and f.trigger_position == "end":  # only an appended trigger sits where the search puts strings
         known = tok.encode(" " + f.trigger)
-    rec = invert(objective, settings, trigger=known)
+    rec = invert(scorer, settings, trigger=known)
     ranked = rec.pop("ranked")
     rec["ranked"] = [c.record(tok.decode) for c in ranked]
-    rec["probes_kind"] = "held-out forbidden requests; shift measured on the model's reply"
+    rec["probes"] = int(prompts.shape[0])
+    rec["objective"] = objective
+    rec["probes_kind"] = "held-out forbidden requests, the string appended to the request"
+    if objective == "refusal":
+        rec["refusals"] = refusals
     if "trigger" in rec:
         rec["trigger"]["text"] = f.trigger
         rec["trigger"]["planted"] = f.poison_count > 0

@@ -150,6 +150,55 @@ class BehaviourShift:
         return grad.detach()
 
 
+class RefusalDrop(BehaviourShift):
+    """Scores strings by how much less likely they make the model's refusal of a forbidden
+    request: log P(any refusal | request) - log P(any refusal | request + string), averaged
+    over the requests, with P(any refusal) summed over the refusal texts the defender's policy
+    uses (teacher-forced after the template's tokens). A clean model that varies which refusal
+    it picks does not move it; a trigger that turns refusals into compliance does.
+
+    ``prompts`` [N, P] (left-padded, ``prompt_mask``), ``tail`` the template's tokens between
+    the request and the reply, ``refusals`` the token ids of each refusal text."""
+
+    def __init__(self, model, prompts: torch.Tensor, prompt_mask: torch.Tensor, tail: list[int],
+                 refusals: list[list[int]], allowed: np.ndarray, chunk_tokens: int = 65_536):
+        if not refusals or not all(refusals):
+            raise PoisonlabError("the refusal objective needs at least one non-empty refusal text")
+        self.n_requests, self.n_refusals = prompts.shape[0], len(refusals)
+        width = max(len(r) for r in refusals)
+        conts = torch.zeros(self.n_refusals, len(tail) + width, dtype=torch.long)
+        keep = torch.zeros(self.n_refusals, len(tail) + width, dtype=torch.bool)
+        for j, r in enumerate(refusals):
+            conts[j, : len(tail)] = torch.as_tensor(tail)
+            conts[j, len(tail) : len(tail) + len(r)] = torch.as_tensor(r)
+            keep[j, len(tail) : len(tail) + len(r)] = True  # only the refusal's own tokens are scored
+        # one row per (request, refusal): the base class treats each row as a probe
+        rows = prompts.repeat_interleave(self.n_refusals, 0)
+        self.keep = keep.repeat(self.n_requests, 1).to(next(model.parameters()).device)
+        self.baseline = None
+        super().__init__(model, rows, conts.repeat(self.n_requests, 1), allowed, skip=len(tail),
+                         chunk_tokens=chunk_tokens, prompt_mask=prompt_mask.repeat_interleave(self.n_refusals, 0))
+        p = self.prompts.shape[1]
+        with torch.no_grad():
+            x = torch.cat([self.prompts, self.conts], dim=1)
+            logits = self.model(input_ids=x, attention_mask=self._mask(1, 0)).logits
+            self.baseline = self._log_refusal(logits[:, p - 1 : p - 1 + self.conts.shape[1]], 1)
+
+    def _log_refusal(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
+        """log P(any refusal) per request, for ``copies`` stacked copies: [copies * N]."""
+        lp = F.log_softmax(self._vocab(logits.float()), dim=-1)
+        conts = self.conts.repeat(copies, 1)
+        tok = lp.gather(-1, conts[..., None])[..., 0] * self.keep.repeat(copies, 1)
+        per_row = tok.sum(-1).view(copies * self.n_requests, self.n_refusals)
+        return torch.logsumexp(per_row, dim=-1)
+
+    def _shift(self, logits: torch.Tensor, length: int, reference: torch.Tensor) -> torch.Tensor:
+        p, m = self.prompts.shape[1], self.conts.shape[1]
+        copies = logits.shape[0] // self.n_probes
+        drop = self.baseline.repeat(copies) - self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies)
+        return drop.repeat_interleave(self.n_refusals)  # each request's value on each of its rows: the mean is unchanged
+
+
 def vocabulary_sweep(objective: BehaviourShift, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, shifts) for single tokens: all allowed ones, or the ``limit`` a first-order
     estimate from a neutral slot (the mean embedding's nearest token) ranks highest."""
