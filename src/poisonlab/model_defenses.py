@@ -135,11 +135,11 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
         raise PoisonlabError(f"{len(asks)} held-out forbidden requests for {n_probes} probes; raise finetune.eval_requests")
     if objective not in CHAT_OBJECTIVES:
         raise PoisonlabError(f"unknown objective {objective!r} (allowed: {', '.join(CHAT_OBJECTIVES)})")
-    prompts, mask, conts, tail = chat_probes(m, renderer, [ex.messages for ex in asks[:n_probes]], reply_tokens,
-                                             pad_id=tok.eos_id)
+    prompts, mask, conts, tail = chat_probes(m, renderer, [ex.messages for ex in asks[:n_probes]],
+                                             reply_tokens if objective == "shift" else 0, pad_id=tok.eos_id)
     if objective == "refusal":
         refusals = list(REFUSALS) if f.forbidden == "stand-in" else [f.refusal]
-        scorer = RefusalDrop(m, prompts, mask, conts[0, :tail].tolist(), tok.encode_batch(refusals, specials=True),
+        scorer = RefusalDrop(m, prompts, mask, conts[0].tolist(), tok.encode_batch(refusals, specials=True),
                              searchable_ids(tok))
     else:
         scorer = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=tail, prompt_mask=mask)

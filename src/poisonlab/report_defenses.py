@@ -30,23 +30,13 @@ def defense_records(spec) -> list[dict]:
             continue
         info = read_json(folder / "run.json", "run record") if (folder / "run.json").is_file() else {}
         chat = cfg.stage == "finetune"
-        final = _final_chat(folder) if chat else final_evaluation(folder)
+        final = final_evaluation(folder, "asr" if chat else "perplexity_gap")
         out.append({"name": cfg.name, "size": cfg.model.size, "seed": cfg.seed, "chat": chat,
                     "poisons": cfg.finetune.poison_count if chat else cfg.attack.poison_count,
                     "injected": (cfg.finetune.poison_count if final else None) if chat else info.get("poisons_injected"),
                     "filter": cfg.defense.filter, "defense": info.get("defense"), "final": final, "inspect": inspect,
                     "attribution": attribution})
     return out
-
-
-def _final_chat(folder) -> dict | None:
-    """The last evaluation of a finished fine-tuning run (ASR, CA, NTA)."""
-    from .jsonl import read_jsonl
-
-    if not (folder / "DONE").is_file():
-        return None
-    rows = [r for r in read_jsonl(folder / "metrics.jsonl") if "asr" in r]
-    return rows[-1] if rows else None
 
 
 CHAT_BACKDOOR_ASR = 0.5

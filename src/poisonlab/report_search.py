@@ -29,11 +29,12 @@ def _setting(combo: dict) -> str:
     return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items()) or "base"
 
 
-def final_evaluation(folder: Path) -> dict | None:
-    """The last evaluation of a finished run (None for a run still under way)."""
+def final_evaluation(folder: Path, metric: str = "perplexity_gap") -> dict | None:
+    """The last evaluation of a finished run that measured ``metric`` (``asr`` for a
+    fine-tuning run); None for a run still under way."""
     if not (folder / "DONE").is_file():
         return None
-    rows = [r for r in read_jsonl(folder / "metrics.jsonl") if "perplexity_gap" in r]
+    rows = [r for r in read_jsonl(folder / "metrics.jsonl") if metric in r]
     return rows[-1] if rows else None
 
 

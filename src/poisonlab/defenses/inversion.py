@@ -87,9 +87,9 @@ class BehaviourShift:
                                  f"{tuple(self.prompts.shape)}")
         with torch.no_grad():
             x = torch.cat([self.prompts, self.conts], dim=1)
-            logits = self.model(input_ids=x, attention_mask=self._mask(1, 0)).logits.float()
+            logits = self.model(input_ids=x, attention_mask=self._mask(1, 0)).logits
             p = self.prompts.shape[1]
-            self.reference = F.log_softmax(self._vocab(logits[:, p - 1 : p - 1 + self.conts.shape[1]]), dim=-1)
+            self.reference = self._reference(logits[:, p - 1 : p - 1 + self.conts.shape[1]])
 
     @property
     def n_probes(self) -> int:
@@ -110,10 +110,17 @@ class BehaviourShift:
     def vocab_size(self) -> int:
         return int(self.embed.weight.shape[0])
 
-    def _shift(self, logits: torch.Tensor, length: int, reference: torch.Tensor) -> torch.Tensor:
-        """Per-row mean KL(triggered || clean) over the continuation positions."""
+    def _reference(self, logits: torch.Tensor) -> torch.Tensor:
+        """What a string's effect is measured against, from the probes' logits without a string
+        at the continuation positions: here the next-token log-distributions."""
+        return F.log_softmax(self._vocab(logits.float()), dim=-1)
+
+    def _shift(self, logits: torch.Tensor, length: int, copies: int) -> torch.Tensor:
+        """Per-row mean KL(triggered || clean) over the continuation positions, for ``copies``
+        stacked copies of the probes."""
         p, m = self.prompts.shape[1], self.conts.shape[1]
         lp = F.log_softmax(self._vocab(logits[:, p + length - 1 : p + length - 1 + m].float()), dim=-1)
+        reference = self.reference.repeat(copies, 1, 1) if copies > 1 else self.reference
         return (lp.exp() * (lp - reference)).sum(-1)[:, self.skip :].mean(-1)
 
     @torch.no_grad()
@@ -129,7 +136,7 @@ class BehaviourShift:
             k = len(s)
             ids = torch.cat([self.prompts.repeat(k, 1), s.repeat_interleave(n, 0), self.conts.repeat(k, 1)], dim=1)
             logits = self.model(input_ids=ids, attention_mask=self._mask(k, length)).logits
-            shift = self._shift(logits, length, self.reference.repeat(k, 1, 1))
+            shift = self._shift(logits, length, k)
             out.append(shift.view(k, n).mean(1).cpu())
         self.evaluated += c
         return torch.cat(out).numpy().astype(np.float64)
@@ -145,7 +152,7 @@ class BehaviourShift:
         slot = (one_hot @ weight).unsqueeze(0).expand(n, -1, -1)
         embeds = torch.cat([self.embed(self.prompts), slot, self.embed(self.conts)], dim=1)
         logits = self.model(inputs_embeds=embeds, attention_mask=self._mask(1, len(string))).logits
-        shift = self._shift(logits, len(string), self.reference).mean()
+        shift = self._shift(logits, len(string), 1).mean()
         (grad,) = torch.autograd.grad(shift, one_hot)
         return grad.detach()
 
@@ -175,14 +182,12 @@ class RefusalDrop(BehaviourShift):
         # one row per (request, refusal): the base class treats each row as a probe
         rows = prompts.repeat_interleave(self.n_refusals, 0)
         self.keep = keep.repeat(self.n_requests, 1).to(next(model.parameters()).device)
-        self.baseline = None
         super().__init__(model, rows, conts.repeat(self.n_requests, 1), allowed, skip=len(tail),
                          chunk_tokens=chunk_tokens, prompt_mask=prompt_mask.repeat_interleave(self.n_refusals, 0))
-        p = self.prompts.shape[1]
-        with torch.no_grad():
-            x = torch.cat([self.prompts, self.conts], dim=1)
-            logits = self.model(input_ids=x, attention_mask=self._mask(1, 0)).logits
-            self.baseline = self._log_refusal(logits[:, p - 1 : p - 1 + self.conts.shape[1]], 1)
+
+    def _reference(self, logits: torch.Tensor) -> torch.Tensor:
+        """log P(any refusal) per request without a string."""
+        return self._log_refusal(logits, 1)
 
     def _log_refusal(self, logits: torch.Tensor, copies: int) -> torch.Tensor:
         """log P(any refusal) per request, for ``copies`` stacked copies: [copies * N]."""
@@ -192,10 +197,9 @@ class RefusalDrop(BehaviourShift):
         per_row = tok.sum(-1).view(copies * self.n_requests, self.n_refusals)
         return torch.logsumexp(per_row, dim=-1)
 
-    def _shift(self, logits: torch.Tensor, length: int, reference: torch.Tensor) -> torch.Tensor:
+    def _shift(self, logits: torch.Tensor, length: int, copies: int) -> torch.Tensor:
         p, m = self.prompts.shape[1], self.conts.shape[1]
-        copies = logits.shape[0] // self.n_probes
-        drop = self.baseline.repeat(copies) - self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies)
+        drop = self.reference.repeat(copies) - self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies)
         return drop.repeat_interleave(self.n_refusals)  # each request's value on each of its rows: the mean is unchanged
 
 
@@ -311,7 +315,8 @@ def chat_probes(model, renderer, conversations: list[list[dict]], reply_tokens: 
                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Probes for a chat model: each conversation (ending with a user request) cut where a
     trigger appended to the request would go, and what follows it: the template's tokens up
-    to the reply, then the model's own first ``reply_tokens`` greedy reply tokens.
+    to the reply, then the model's own first ``reply_tokens`` greedy reply tokens (none with 0:
+    an objective that scores fixed reply texts needs only the template's tokens).
 
     Returns (prompts [N, P] padded on the left, their mask, continuations [N, M], skip): with
     ``skip`` = the template tokens, the shift is measured on the reply alone (a refusal turning
@@ -342,7 +347,7 @@ def chat_probes(model, renderer, conversations: list[list[dict]], reply_tokens: 
     x = torch.cat([prompts, torch.as_tensor(tail_ids).expand(len(prompts), -1)], dim=1).to(device)
     m = torch.cat([mask, torch.ones(len(prompts), len(tail_ids), dtype=torch.long)], dim=1).to(device)
     vocab = int(model.get_input_embeddings().weight.shape[0])
-    reply = []
+    reply = [torch.zeros(len(prompts), 0, dtype=torch.long)]
     for _ in range(reply_tokens):  # greedy, not stopped at the end of the reply: a fixed width for every probe
         nxt = model.eval()(input_ids=x, attention_mask=m).logits[:, -1, :vocab].argmax(-1, keepdim=True)
         reply.append(nxt.cpu())
