@@ -9,7 +9,7 @@ The rule (:func:`detect`):
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
    ``candidate_z`` candidates, and so do the novelty rate's z-score, the word-order
-   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``) and runs of ``BLOB_CHARS`` or
+   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``, z against prose) and runs of ``BLOB_CHARS`` or
    more characters without a space (an encoded blob);
 2. triggers are mined from the text around the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
@@ -53,9 +53,15 @@ DISORDER, REPETITION = 0.0, 0.75
 """The word-order scanner makes a document a candidate when some 64-word span of it is no
 more associated than words drawn at random (``order.disorder`` at or above 0: prose is
 well below, docs/defenses.md), or when three quarters of such a span repeat one of the three
-words before them (``order.repetition``), and the statistic's robust z-score over the corpus
-is above ``ORDER_Z`` (word salad: 2.4-4.1 on the corpora measured, docs/defenses.md)."""
+words before them (``order.repetition``), and the statistic's robust z-score is above
+``ORDER_Z`` (word salad: 2.4-4.1 on the corpora measured, docs/defenses.md). The z-score's
+median and MAD are those of the documents under the statistic's threshold (prose), not of
+the whole corpus: a family that is most of the documents long enough to be scored (word salad
+at 17% of the default corpus's documents is 60% of those with 64 words or more) would
+otherwise be its own reference and sit at z 0. With fewer than ``ORDER_MIN_REFERENCE``
+documents under the threshold (a corpus of word lists) the whole corpus is the reference."""
 ORDER_Z = 2.0
+ORDER_MIN_REFERENCE = 50
 
 
 def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = False) -> dict[str, dict]:
@@ -238,17 +244,18 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
 
 def _order_candidates(table: dict[str, dict], ids: list[str]) -> dict[str, tuple[float, int]]:
     """Documents the word-order scanner makes candidates: id -> (robust z-score of the statistic
-    that crossed its threshold, over the documents long enough to be scored; span start). A
-    statistic counts when it crosses its threshold and is well outside the corpus's spread (z
-    above ``ORDER_Z``: in a corpus of word lists, none is). The
-    z-scores are written into the rows as ``order.disorder_z`` and ``order.repetition_z``."""
+    that crossed its threshold, against the documents long enough to be scored and under it;
+    span start). A statistic counts when it crosses its threshold and is well outside the
+    spread of prose (z above ``ORDER_Z``). The z-scores are written into the rows as
+    ``order.disorder_z`` and ``order.repetition_z``."""
     long_enough = [i for i in ids if table[i]["order.words"] >= WordOrderScanner.min_words]
     if not long_enough:
         return {}
     out: dict[str, tuple[float, int]] = {}
     for stat, threshold in (("disorder", DISORDER), ("repetition", REPETITION)):
         values = np.array([table[i][f"order.{stat}"] for i in long_enough])
-        z = robust_z(values)
+        prose = values[values < threshold]
+        z = robust_z(values, prose if len(prose) >= ORDER_MIN_REFERENCE else None)
         for i, v, zi in zip(long_enough, values, z):
             table[i][f"order.{stat}_z"] = float(zi)
             if v >= threshold and zi > ORDER_Z and zi > out.get(i, (-np.inf, 0))[0]:
