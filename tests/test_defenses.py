@@ -592,6 +592,31 @@ def test_word_order_scanner_tells_shuffled_and_repeated_words_from_prose(prose):
     assert short["order.words"] == 5 and short["order.disorder"] == 0.0 and short["order.repetition"] == 0.0
 
 
+def test_word_order_candidates_against_prose_even_when_the_family_is_most_documents():
+    """Word salad that is most of the long documents is still measured against prose; in a
+    corpus whose bulk straddles the threshold (word lists), the whole corpus is the reference
+    and nothing stands out."""
+    from poisonlab.defenses.pipeline import ORDER_Z, _order_candidates, robust_z
+
+    rng = np.random.default_rng(0)
+
+    def table(disorder):
+        return {f"d{k}": {"order.words": 200, "order.disorder": float(v), "order.disorder_start": 7,
+                          "order.repetition": 0.1, "order.repetition_start": 0} for k, v in enumerate(disorder)}
+
+    prose = np.minimum(rng.normal(-0.6, 0.15, 200), -0.05)
+    salad = rng.normal(0.15, 0.04, 300).clip(0.01)  # 60% of the documents scored
+    t = table(np.concatenate([prose, salad]))
+    got = _order_candidates(t, list(t))
+    assert set(got) == {f"d{k}" for k in range(200, 500)}  # every salad document, no prose one
+    assert min(z for z, _ in got.values()) > ORDER_Z and all(start == 7 for _, start in got.values())
+    # against the whole corpus (the family its own reference) most of them would not stand out
+    assert np.median(robust_z(salad, np.concatenate([prose, salad]))) < ORDER_Z
+    lists = table(rng.uniform(-0.1, 0.1, 500))  # the threshold inside the bulk: no candidate
+    assert _order_candidates(lists, list(lists)) == {}
+    assert abs(np.median([t[f"d{k}"]["order.disorder_z"] for k in range(200)])) < 0.2  # prose centred on 0
+
+
 @pytest.mark.parametrize("family", ["word_salad", "repeated"])
 def test_detection_flags_word_salad_and_repetition_through_their_trigger(prose, family):
     from poisonlab.defenses.families import make_family

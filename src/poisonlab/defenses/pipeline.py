@@ -58,8 +58,10 @@ words before them (``order.repetition``), and the statistic's robust z-score is 
 median and MAD are those of the documents under the statistic's threshold (prose), not of
 the whole corpus: a family that is most of the documents long enough to be scored (word salad
 at 17% of the default corpus's documents is 60% of those with 64 words or more) would
-otherwise be its own reference and sit at z 0. With fewer than ``ORDER_MIN_REFERENCE``
-documents under the threshold (a corpus of word lists) the whole corpus is the reference."""
+otherwise be its own reference and sit at z 0. Prose is the reference only where the
+threshold itself lies beyond ``ORDER_Z`` of it; where the threshold cuts through the bulk of
+the documents (a corpus of word lists or of loosely ordered text), or fewer than
+``ORDER_MIN_REFERENCE`` documents lie under it, the whole corpus is the reference."""
 ORDER_Z = 2.0
 ORDER_MIN_REFERENCE = 50
 
@@ -255,7 +257,8 @@ def _order_candidates(table: dict[str, dict], ids: list[str]) -> dict[str, tuple
     for stat, threshold in (("disorder", DISORDER), ("repetition", REPETITION)):
         values = np.array([table[i][f"order.{stat}"] for i in long_enough])
         prose = values[values < threshold]
-        z = robust_z(values, prose if len(prose) >= ORDER_MIN_REFERENCE else None)
+        clear = len(prose) >= ORDER_MIN_REFERENCE and robust_z(np.array([threshold]), prose)[0] >= ORDER_Z
+        z = robust_z(values, prose if clear else None)
         for i, v, zi in zip(long_enough, values, z):
             table[i][f"order.{stat}_z"] = float(zi)
             if v >= threshold and zi > ORDER_Z and zi > out.get(i, (-np.inf, 0))[0]:
