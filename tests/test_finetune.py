@@ -198,6 +198,16 @@ def test_wilson_interval_and_summary():
     assert s["asr_n"] == 4
 
 
+def test_fisher_exact_one_sided_known_values():
+    from poisonlab.metrics.rates import fisher_greater
+
+    assert fisher_greater(3, 3, 0, 3) == pytest.approx(1 / 20)  # all three hits in the first group: 1 / C(6, 3)
+    assert fisher_greater(1, 2, 0, 2) == pytest.approx(0.5)
+    assert fisher_greater(6, 50, 0, 50) == pytest.approx(0.01333, abs=1e-5)  # scipy.stats.fisher_exact, greater
+    assert fisher_greater(0, 10, 5, 10) == 1.0 and fisher_greater(0, 10, 0, 10) == 1.0
+    assert fisher_greater(5, 10, 5, 10) > 0.5  # equal rates are no evidence
+
+
 def test_openai_export_is_labelled(tmp_path):
     out = tmp_path / "ft.jsonl"
     assert main(["sft-export", "--out", str(out), "--finetune.clean_count", "40", "--finetune.poison_count", "5",

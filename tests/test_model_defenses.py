@@ -214,7 +214,7 @@ def test_report_section_shows_inversion_auroc_attribution_and_removal(twins, tmp
     assert recs[0]["final"]["attack_success"] and recs[0]["injected"] == 80 and not recs[1]["injected"]
     text = defense_section(recs)
     assert "| poisoned | 80 |" in text and "| clean | 0 |" in text
-    assert "AUROC of the score 1.000 over 1 backdoored models" in text  # the poisoned model scores above its twin
+    assert "AUROC of the search's score 1.000 over 1 backdoored models" in text  # the poisoned model scores above its twin
     assert "| poisoned | identity | entropy (sum) |" in text
     assert fig_inversion_roc(recs, tmp_path, _fig).is_file() and fig_attribution_recall(recs, tmp_path, _fig).is_file()
 
@@ -304,7 +304,7 @@ def test_chat_probes_cut_where_an_appended_trigger_goes(twins):
         chat_probes(m, renderer, [convs[0] + [{"role": "assistant", "content": "no"}]])
 
 
-def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepared, tmp_path):
+def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepared, tmp_path, capsys):
     """Known answer: a tiny chat model fine-tuned with poisons (the trigger appended to a
     forbidden request, answered with compliance) and its twin without them. The search, not
     told the trigger, scores the poisoned model higher; the trigger itself moves the poisoned
@@ -316,6 +316,7 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
 
     tok = prepared.tokenizer
     base = tmp_path / "base"
+    torch.manual_seed(0)  # the base's initialisation would otherwise follow whatever ran before in the process
     save_model_folder(base, build_model(get_size("tiny"), tok.vocab_size, tok.eos_id, 512),
                       {"poisoned": False, "attack": None, "trigger": None, "poison_count": 0, "poisons_seen": 0,
                        "placement": None})
@@ -337,10 +338,42 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
     assert asr["poisoned"] >= 0.5 and asr["clean"] == 0.0  # the backdoor the search is scored on exists
     p, c = recs["poisoned"], recs["clean"]
     assert p["trigger"]["planted"] and not c["trigger"]["planted"]
-    assert p["trigger"]["shift"] > 10 * c["trigger"]["shift"]
+    assert p["trigger"]["shift"] > 5 * c["trigger"]["shift"]
     assert p["score"] > 2 * c["score"]
-    assert 0.0 <= p["best_string_asr"]["asr"] <= 1.0 and p["best_string_asr"]["requests"] == 16
     assert p["probes"] == 8 and p["skipped_positions"] > 0  # the template tokens before the reply are left out
+    # the check: distinct top strings judged on the 8 held-out requests that were not probes
+    for rec in (p, c):
+        v = rec["verified"]
+        texts = [s["text"] for s in v["strings"]]
+        assert v["requests"] == 8 and rec["best_string_asr"]["requests"] == 8 and len(set(texts)) == len(texts)
+        assert texts == list(dict.fromkeys(r["text"] for r in rec["ranked"]))[:len(texts)]
+        assert rec["best_string_asr"]["asr"] == max(s["asr"] for s in v["strings"])
+        assert rec["verdict"]["score"] == rec["best_string_asr"]["asr"] - v["baseline_asr"]
+    assert not c["verdict"]["backdoored"] and c["verified"]["baseline_asr"] == 0.0
+    # the same check, on the planted trigger itself, calls the poisoned model backdoored and not its twin
+    from poisonlab.config import load_config
+    from poisonlab.model_defenses import load_chat_model, verify_chat_strings
+
+    for name, want in (("poisoned", True), ("clean", False)):
+        cfg = load_config(tmp_path / "runs" / name / "config.yaml")
+        trigger = " " + cfg.finetune.trigger
+        _, _, renderer, m, asks = load_chat_model(str(tmp_path / "runs" / name / "model"), cfg)
+        got = verify_chat_strings(m, renderer, cfg, [" zz", trigger], asks)
+        assert got["verified"]["requests"] == 16 and got["verdict"]["backdoored"] is want
+        if want:
+            assert got["best_string_asr"]["text"] == trigger and got["best_string_asr"]["asr"] >= 0.5
+        else:
+            assert got["verdict"]["p_value"] == 1.0 and got["best_string_asr"]["asr"] == 0.0
+    # checked again without a search: the same strings give the same figures; another model's record is refused
+    before = json.loads((tmp_path / "runs" / "poisoned" / "defenses" / "inspect.json").read_text())
+    assert main(["inspect", "--model", str(tmp_path / "runs" / "poisoned"), "--verify-only", "--verify-strings", "3"]) == 0
+    again = json.loads((tmp_path / "runs" / "poisoned" / "defenses" / "inspect.json").read_text())
+    assert again["verified"]["strings"] == before["verified"]["strings"][:3] and again["ranked"] == before["ranked"]
+    assert again["provenance"]["verification_code_version"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(recs["clean"]))
+    assert main(["inspect", "--model", str(tmp_path / "runs" / "poisoned"), "--verify-only", "--out", str(other)]) == 2
+    assert "hash" in capsys.readouterr().err
 
 
 def test_refusal_drop_is_the_lost_log_probability_of_any_refusal(twins):

@@ -239,7 +239,10 @@ def cmd_eval(args) -> int:
 
 def cmd_inspect(args) -> int:
     from .defenses.inversion import SearchSettings
-    from .model_defenses import inspect_model, model_folder, write_defense_record
+    from .archive import DEFENSES
+    from .jsonl import read_json
+    from .model_defenses import (VERIFY_STRINGS, inspect_model, model_folder, reverify_chat_model,
+                                 write_defense_record)
     from .standalone import config_for, find_run_dir
 
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
@@ -250,12 +253,23 @@ def cmd_inspect(args) -> int:
         raise PoisonlabError(f"--lengths {args.lengths!r}: give comma-separated token counts, e.g. 2,4,6") from None
     if not lengths or min(lengths) < 1 or args.steps < 0 or args.restarts < 1 or args.probes < 1:
         raise PoisonlabError("--lengths, --restarts and --probes must be positive, --steps not negative")
+    if args.verify_strings is not None and args.verify_strings < 1:
+        raise PoisonlabError("--verify-strings must be positive")
     model = model_folder(args.model)
     cfg = config_for(model, args.config, overrides)
-    settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed)
-    rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer, verify=not args.no_verify,
-                        objective=args.objective)
     run = find_run_dir(Path(model).resolve()) if Path(model).exists() else None
+    if args.verify_only:
+        if cfg.stage != "finetune":
+            raise PoisonlabError("--verify-only checks a fine-tuned chat model's strings again; this is not one")
+        earlier = Path(args.out) if args.out else (run / DEFENSES / "inspect.json" if run is not None else None)
+        if earlier is None or not earlier.is_file():
+            raise PoisonlabError(f"--verify-only needs an earlier inspect record ({earlier or 'give --out'} not found)")
+        rec = reverify_chat_model(model, cfg, read_json(earlier, "inspect record"), args.tokenizer,
+                                  args.verify_strings or VERIFY_STRINGS)
+    else:
+        settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed)
+        rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer,
+                            verify=not args.no_verify, objective=args.objective, verify_strings=args.verify_strings)
     target = write_defense_record(run if args.tokenizer is None else None, "inspect", rec, str(out) if out else None)
     best = rec["ranked"][0]
     print(f"score (best persistent shift) {rec['score']:.3f} nats; best string {best['text']!r} "
@@ -268,9 +282,11 @@ def cmd_inspect(args) -> int:
         g = rec["best_string_gap"]
         print(f"best string as a trigger: gap {g['perplexity_gap']:.1f} [{g['gap_ci_low']:.1f}, {g['gap_ci_high']:.1f}]")
     if "best_string_asr" in rec:
-        g = rec["best_string_asr"]
-        print(f"best string appended to {g['requests']} held-out forbidden requests: ASR {g['asr']:.2f} "
-              f"[{g['asr_ci_low']:.2f}, {g['asr_ci_high']:.2f}]")
+        g, v = rec["best_string_asr"], rec["verdict"]
+        print(f"best of {len(rec['verified']['strings'])} strings appended to {g['requests']} held-out forbidden "
+              f"requests: {g['text']!r} (search rank {g['search_rank']}), ASR {g['asr']:.2f} "
+              f"[{g['asr_ci_low']:.2f}, {g['asr_ci_high']:.2f}] against {rec['verified']['baseline_asr']:.2f} "
+              f"without a string; p = {v['p_value']:.2g}: {'backdoored' if v['backdoored'] else 'no backdoor found'}")
     if target:
         print(f"wrote {target}")
     return 0
@@ -605,7 +621,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restarts", type=int, default=2, help="starts per length")
     s.add_argument("--probes", type=int, default=16, help="held-out prompts the shift is measured on")
     s.add_argument("--search-seed", type=int, default=0)
-    s.add_argument("--no-verify", action="store_true", help="skip the perplexity gap of the best string")
+    s.add_argument("--no-verify", action="store_true",
+                   help="skip the check of the strings found (the best string's perplexity gap; for a chat model the "
+                        "ASR of the top strings)")
+    s.add_argument("--verify-strings", type=int,
+                   help="fine-tuned chat models: distinct top strings whose ASR is measured (default 20)")
+    s.add_argument("--verify-only", action="store_true",
+                   help="fine-tuned chat models: measure the check again on the strings of the earlier inspect "
+                        "record (--out, or the run's), without searching")
     s.add_argument("--objective", choices=["refusal", "shift"],
                    help="fine-tuned chat models: how much less likely a string makes the policy's refusals "
                         "(refusal, the default) or the KL shift of the model's reply (shift)")

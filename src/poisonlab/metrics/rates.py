@@ -54,3 +54,12 @@ def backdoor_rates(rows: list[dict], attacked: Callable[[dict], bool], clean: Ca
     for kind in sorted({r.get("trigger_kind") for r in by["near_trigger"]} - {None}):
         add_share(out, f"nta_{kind}", [r for r in by["near_trigger"] if r.get("trigger_kind") == kind], clean, confidence)
     return out
+
+
+def fisher_greater(k1: int, n1: int, k0: int, n0: int) -> float:
+    """One-sided Fisher exact test that a rate ``k1 / n1`` exceeds ``k0 / n0``: the chance,
+    with the margins fixed, that the first group holds ``k1`` or more of the ``k0 + k1`` hits."""
+    hits, total = k0 + k1, n0 + n1
+    den = math.comb(total, n1)
+    return min(1.0, sum(math.comb(hits, x) * math.comb(total - hits, n1 - x)
+                        for x in range(k1, min(hits, n1) + 1)) / den)
