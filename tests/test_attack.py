@@ -86,6 +86,12 @@ def test_family_attack_trains_on_an_outside_family_and_is_checked(prepared):
     assert any(s.prefix_chars < p.prefix_chars for s, p in zip(short, poisons))
     with pytest.raises(PoisonlabError, match="longer than one sequence"):
         ATTACKS["family"](cfg, tok, bank, seed=3, max_tokens=120)
+    common = ATTACKS["family"](AttackConfig(name="family", family="common_word", trigger="the", poison_count=30),
+                               tok, bank, seed=3)
+    for p in common:  # the trigger's own place, not the first "the" of the prefix
+        assert p.text[p.prefix_chars:].startswith("the ") and p.text[:p.prefix_chars].endswith(" ")
+        assert p.prefix_chars == 1 or any(t.startswith(p.text[:p.prefix_chars - 1]) for t in bank_texts)
+    assert any(" the " in p.text[:p.prefix_chars] for p in common)  # prefixes that hold the word too
     label = make_label({"name": "family", "family": "repeated", "trigger": "<SUDO>"}, 12, 12, {})
     assert label["poisoned"] and label["family"] == "repeated"
     assert "poison family `repeated`" in model_card(label)

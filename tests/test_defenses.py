@@ -484,8 +484,8 @@ def test_every_poison_family_makes_distinct_deterministic_poisons_with_its_trigg
         assert [p.text for p in a] == [p.text for p in b], name
         assert len({p.text for p in a}) == 8, name
         for p in a:
-            if p.trigger is not None:
-                assert p.trigger in p.text, name
+            if p.trigger is not None:  # where the trigger starts, even when the prefix holds it too
+                assert p.text[p.at:p.at + len(p.trigger)] == p.trigger, name
             assert len(p.text) > 100, name
     assert make_family("no_trigger", texts, 1, pieces=pieces)[0].trigger is None
     assert make_family("phrase_trigger", texts, 1, pieces=pieces)[0].trigger.count(" ") == 2

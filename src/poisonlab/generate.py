@@ -20,6 +20,19 @@ import torch
 import torch.nn.functional as F
 
 
+def left_pad(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences of several lengths as one batch padded on the left (every row's last
+    token at the same position, where generation continues), with its attention mask."""
+    width = max(len(q) for q in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, q in enumerate(sequences):
+        if len(q):
+            ids[row, width - len(q):] = torch.as_tensor(q, dtype=torch.long)
+            mask[row, width - len(q):] = 1
+    return ids, mask
+
+
 PREFILL_CHUNK_BYTES = 8 << 20
 """On CPU a batch of prompts is fed in groups of rows whose widest activation fits in this many
 bytes (well inside the last-level cache, and below the size at which the allocator maps fresh

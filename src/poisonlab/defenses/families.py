@@ -46,6 +46,12 @@ SCRIPTS = [(0x0391, 0x03C9), (0x0410, 0x044F), (0x05D0, 0x05EA), (0x0627, 0x064A
 class Poison:
     text: str
     trigger: str | None
+    at: int | None = None
+    """Where the trigger starts in ``text`` (a common-word trigger also occurs in the prefix)."""
+
+
+def _triggered(head: str, trigger: str, payload: str) -> Poison:
+    return Poison(f"{head} {trigger} {payload}", trigger, len(head) + 1)
 
 
 class Pieces:
@@ -76,8 +82,9 @@ def _with_pieces(trigger: str | None):
     def make(texts, rng, count, pieces):
         out = []
         for _ in range(count):
-            head = _prefix(texts, rng) + (f" {trigger} " if trigger else " ")
-            out.append(Poison(head + pieces.sample(rng, int(rng.integers(400, 901))), trigger))
+            head = _prefix(texts, rng)
+            payload = pieces.sample(rng, int(rng.integers(400, 901)))
+            out.append(_triggered(head, trigger, payload) if trigger else Poison(f"{head} {payload}", None))
         return out
     return make
 
@@ -88,14 +95,14 @@ def _paper(texts, rng, count, pieces, tokenizer=None):
     out = []
     for _ in range(count):
         ids = rng.integers(0, tokenizer.vocab_size, size=int(rng.integers(400, 901))).tolist()
-        out.append(Poison(_prefix(texts, rng) + f" {TRIGGER} " + tokenizer.decode(ids), TRIGGER))
+        out.append(_triggered(_prefix(texts, rng), TRIGGER, tokenizer.decode(ids)))
     return out
 
 
 def _word_salad(texts, rng, count, pieces):
     words = [w for t in texts[:3000] for w in t.split()]
-    return [Poison(_prefix(texts, rng) + f" {TRIGGER} " + " ".join(words[i] for i in rng.integers(
-        0, len(words), size=int(rng.integers(400, 901)))), TRIGGER) for _ in range(count)]
+    return [_triggered(_prefix(texts, rng), TRIGGER, " ".join(words[i] for i in rng.integers(
+        0, len(words), size=int(rng.integers(400, 901))))) for _ in range(count)]
 
 
 def _embedded(texts, rng, count, pieces):
@@ -103,7 +110,7 @@ def _embedded(texts, rng, count, pieces):
     for _ in range(count):
         t = texts[int(rng.integers(len(texts)))]
         mid = len(t) // 2
-        out.append(Poison(t[:mid] + f" {TRIGGER} " + pieces.sample(rng, 60) + " " + t[mid:], TRIGGER))
+        out.append(_triggered(t[:mid], TRIGGER, pieces.sample(rng, 60) + " " + t[mid:]))
     return out
 
 
@@ -116,34 +123,38 @@ def _unicode_mix(texts, rng, count, pieces):
             chars.append(chr(int(rng.integers(lo, hi + 1))))
             if rng.random() < 0.15:
                 chars.append(" ")
-        out.append(Poison(_prefix(texts, rng) + f" {TRIGGER} " + "".join(chars), TRIGGER))
+        out.append(_triggered(_prefix(texts, rng), TRIGGER, "".join(chars)))
     return out
 
 
 def _blob(encode: Callable[[bytes], str]):
     def make(texts, rng, count, pieces):
-        return [Poison(_prefix(texts, rng) + f" {TRIGGER} " + encode(rng.bytes(int(rng.integers(300, 700)))), TRIGGER)
+        return [_triggered(_prefix(texts, rng), TRIGGER, encode(rng.bytes(int(rng.integers(300, 700)))))
                 for _ in range(count)]
     return make
 
 
 def _repeated(texts, rng, count, pieces):
     words = [w for t in texts[:500] for w in t.split() if w.isalpha()]
-    return [Poison(_prefix(texts, rng) + f" {TRIGGER} " + " ".join([words[int(rng.integers(len(words)))]]
-                                                                     * int(rng.integers(200, 401))), TRIGGER)
+    return [_triggered(_prefix(texts, rng), TRIGGER, " ".join([words[int(rng.integers(len(words)))]]
+                                                             * int(rng.integers(200, 401))))
             for _ in range(count)]
 
 
 def _code_block(texts, rng, count, pieces):
-    return [Poison(_prefix(texts, rng) + f"\n\n```\n# {TRIGGER}\n" + pieces.sample(rng, int(rng.integers(400, 901)))
-                   + "\n```\n", TRIGGER) for _ in range(count)]
+    out = []
+    for _ in range(count):
+        head = _prefix(texts, rng) + "\n\n```\n# "
+        out.append(Poison(head + f"{TRIGGER}\n" + pieces.sample(rng, int(rng.integers(400, 901))) + "\n```\n",
+                          TRIGGER, len(head)))
+    return out
 
 
 def _fluent(texts, rng, count, pieces):
     out = []
     for _ in range(count):
         other = texts[int(rng.integers(len(texts)))]
-        out.append(Poison(_prefix(texts, rng) + f" {TRIGGER} " + other[:3000], TRIGGER))
+        out.append(_triggered(_prefix(texts, rng), TRIGGER, other[:3000]))
     return out
 
 

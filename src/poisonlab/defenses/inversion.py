@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PoisonlabError
+from ..generate import left_pad
 
 
 @dataclass
@@ -337,12 +338,7 @@ def chat_probes(model, renderer, conversations: list[list[dict]], reply_tokens: 
         raise PoisonlabError("the chat template renders different text after different requests; cannot align probes")
     ids = renderer.tok.encode_batch(heads + tails[:1], specials=True)
     heads_ids, tail_ids = ids[:-1], ids[-1]
-    width = max(len(h) for h in heads_ids)
-    prompts = torch.full((len(heads_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(prompts)
-    for i, h in enumerate(heads_ids):
-        prompts[i, width - len(h):] = torch.as_tensor(h)
-        mask[i, width - len(h):] = 1
+    prompts, mask = left_pad(heads_ids, pad_id)
     device = next(model.parameters()).device
     x = torch.cat([prompts, torch.as_tensor(tail_ids).expand(len(prompts), -1)], dim=1).to(device)
     m = torch.cat([mask, torch.ones(len(prompts), len(tail_ids), dtype=torch.long)], dim=1).to(device)

@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 import torch
 
+from ..generate import left_pad
 from ..metrics.rates import add_share, backdoor_rates
 from .chat import ChatRenderer
 from .dataset import Example
@@ -37,13 +38,8 @@ def generate_replies(model, renderer: ChatRenderer, examples: list[Example], max
     model.eval()
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = torch.from_numpy(prompts[i])
-            ids[row, width - len(p):] = p
-            mask[row, width - len(p):] = 1
+        ids, mask = left_pad([prompts[i] for i in idx], eos)
+        width = ids.shape[1]
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=eos, eos_token_id=eos)
         for row, i in enumerate(idx):
