@@ -48,6 +48,30 @@ def test_auroc_and_roc_curve_known_values():
     assert fpr.tolist() == [0.0, 0.0, 0.5, 1.0] and tpr.tolist() == [0.0, 0.5, 1.0, 1.0]
 
 
+def test_report_scores_chat_models_by_their_checked_strings():
+    """The search's score and the checked score (best verified string's ASR above the
+    model's baseline) give separate AUROCs; the verdicts are counted per class."""
+    from poisonlab.report_defenses import defense_section, inversion_auroc, verified_score
+
+    def rec(name, injected, score, checked, called):
+        best = {"text": " x", "search_rank": 2, "asr": checked, "asr_ci_low": 0.0, "asr_ci_high": 1.0, "requests": 96}
+        return {"name": name, "chat": True, "injected": injected, "final": {"asr": 1.0 if injected else 0.0},
+                "filter": "none", "defense": None, "attribution": [],
+                "inspect": {"score": score, "ranked": [{"text": " y"}], "seconds": 1.0, "best_string_asr": best,
+                            "verified": {"requests": 96, "baseline_asr": 0.0, "strings": [best]},
+                            "verdict": {"score": checked, "p_value": 0.001 if called else 1.0, "alpha": 0.01,
+                                        "backdoored": called}}}
+
+    recs = [rec("p1", 100, 2.0, 0.9, True), rec("p2", 100, 1.0, 0.0, False), rec("c1", 0, 3.0, 0.0, False)]
+    assert inversion_auroc(recs)["auroc"] == 0.0  # the clean model's search score is the highest
+    assert inversion_auroc(recs, verified_score)["auroc"] == 0.75  # one poisoned above, one tied with the clean
+    assert verified_score({"best_string_gap": {"perplexity_gap": 12.5}}) == 12.5
+    assert verified_score({"score": 1.0}) is None
+    text = defense_section(recs)
+    assert "AUROC of the search's score 0.000" in text and "0.750 over 2 backdoored" in text
+    assert "1 of 2 poisoned, 0 of 1 clean" in text and "` x`" in text  # the best checked string is shown
+
+
 def test_ranking_quality_counts_poisons_at_k():
     is_poison = np.array([True, True, False, False, False, False, False, False, False, False])
     q = ranking_quality(np.array([9, 1, 8, 0, 0, 0, 0, 0, 0, 0.5]), is_poison)
