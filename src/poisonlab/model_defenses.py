@@ -127,6 +127,8 @@ def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[str], asks: lis
         raise PoisonlabError("no held-out forbidden request is left beside the probes; raise finetune.eval_requests")
     t0 = time.perf_counter()
     strings = list(dict.fromkeys(t for t in texts if t))[:limit]
+    if not strings:
+        raise PoisonlabError("the search returned no string to check")
     tried = []
     for text in ["", *strings]:
         for ex in asks:
