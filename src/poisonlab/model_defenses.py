@@ -173,14 +173,16 @@ def reverify_chat_model(model: str, cfg: RunConfig, record: dict, tokenizer: str
                         verify_strings: int = VERIFY_STRINGS) -> dict:
     """Measure again the check of an earlier search's strings (``record``, an inspect record
     of this very model: its weights' hash must match) without searching again."""
-    path, tok, renderer, m, asks = load_chat_model(model, cfg, tokenizer)
-    weights = Path(path) / "model.safetensors"
-    want = (record.get("provenance") or {}).get("model_sha256")
-    if want is None or not weights.is_file() or file_sha256(weights) != want:
-        raise PoisonlabError(f"the inspect record's strings were not searched on {path} (weights' hash differs "
-                             "or is not recorded); run the search again")
+    from .finetune.train import resolve_base
+
     if "probes" not in record or "ranked" not in record:
         raise PoisonlabError("the inspect record has no ranked strings or probe count; run the search again")
+    weights = Path(resolve_base(model)) / "model.safetensors"
+    want = (record.get("provenance") or {}).get("model_sha256")
+    if want is None or not weights.is_file() or file_sha256(weights) != want:
+        raise PoisonlabError(f"the inspect record's strings were not searched on {weights.parent} (weights' hash "
+                             "differs or is not recorded); run the search again")
+    _, _, renderer, m, asks = load_chat_model(model, cfg, tokenizer)
     rec = dict(record)
     rec.update(verify_chat_strings(m, renderer, cfg, [c["text"] for c in rec["ranked"]], asks[rec["probes"]:],
                                    verify_strings))

@@ -30,7 +30,7 @@ def make_family_poisons(
     made = make_family(cfg.family, [d["text"] for d in prefix_bank], count, seed=seed, tokenizer=tok)
     out = []
     for i, p in enumerate(made):
-        at = p.at if p.at is not None else p.text.find(cfg.trigger)
+        at = p.at  # every family with a trigger records where it starts (config refuses the others)
         head, rest = p.text[:at], p.text[at:]
         payload = len(tok.encode(rest[len(cfg.trigger):]))
         try:

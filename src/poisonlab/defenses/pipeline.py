@@ -9,8 +9,8 @@ The rule (:func:`detect`):
 1. the gibberish scanner's span surprisal, as a robust z-score over the corpus (median and
    MAD, so a minority of poisons cannot move the scale), makes documents above
    ``candidate_z`` candidates, and so do the novelty rate's z-score, the word-order
-   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``, z against prose) and runs of ``BLOB_CHARS`` or
-   more characters without a space (an encoded blob);
+   scanner's spans (``DISORDER``, ``REPETITION``, ``ORDER_Z``, z against prose) and runs of
+   ``BLOB_CHARS`` or more characters without a space (an encoded blob);
 2. triggers are mined from the text around the candidates' anomalous spans;
 3. each of the top ``triggers`` mined strings is tested: when the z-scores of the documents
    holding it are far above the rest's (a rank-sum test at ``trigger_alpha``, corrected for the
