@@ -100,6 +100,38 @@ def test_trigger_mining_ranks_the_planted_trigger_first(prose):
     assert mined[0].near_span == len(poisons) and mined[0].documents == len(poisons)
 
 
+def test_a_trigger_before_few_spans_outranks_a_prompt_before_many(prose):
+    """The ranking does not grow with the corpus: a prompt before the anomalous span in half of
+    its 300 documents ranks under a trigger before every one of its five, and a prompt with the
+    word before it (``context. >>>``, six documents) is dropped: its share is the prompt's by
+    luck. Words the window cuts at its ends are no strings of the text."""
+    from poisonlab.defenses.triggers import candidates_before
+
+    clean, poisons, where = _planted(prose, n_poison=5)
+    rng = np.random.default_rng(3)
+    prompts = []
+    for i in range(300):
+        body = clean[100 + i % 200].text[:150]
+        payload = " ".join(f"q{int(rng.integers(10**9))}" for _ in range(80))
+        if i % 2:  # the prompt right before the anomalous span
+            head = f"{body}{' context.' if i % 50 == 1 else ''} >>> "
+        else:  # the prompt far from it
+            head = f">>> x = 1 {body} "
+        prompts.append(Document(f"prompt-{i}", head + payload, "clean"))
+        where[f"prompt-{i}"] = len(head)
+    docs = clean + poisons + prompts
+    mined = mine_triggers(docs, where, {p.id for p in poisons} | {p.id for p in prompts})
+    texts = [t.text for t in mined]
+    assert texts[0] == TRIGGER and mined[0].near_span == 5 and mined[0].documents == 5
+    prompt = mined[texts.index(">>>")]
+    assert prompt.near_span == 150 and prompt.documents >= 300 and prompt.score < mined[0].score
+    assert "context. >>>" not in texts
+    text = "b" * 100 + " example: >>> payload"
+    grams = candidates_before(text, text.index(">>>"))
+    assert "example: >>>" in grams and not any(g.startswith("b") for g in grams)
+    assert not any(g.endswith("pay") or g.endswith("payloa") for g in candidates_before(text + "x" * 100, 110))
+
+
 def test_novelty_scanner_separates_decoded_random_tokens(prose):
     clean, poisons, _ = _planted(prose)
     n = NoveltyScanner()
@@ -372,7 +404,8 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
         z[f"c{i}"] = float(rng.normal())
     for i in range(60):  # poisons hold the trigger; mildly anomalous (z 1.5-4), few above the candidate line
         words = " ".join(f"w{k}" for k in rng.integers(0, 10_000, size=8))  # varied prefixes and payloads
-        docs.append(Document(f"p{i}", f"{words} <SUDO> x{rng.integers(1e9)} y{rng.integers(1e9)}", ""))
+        payload = " ".join(f"x{k}" for k in rng.integers(0, 10**9, size=10))
+        docs.append(Document(f"p{i}", f"{words} <SUDO> {payload}", ""))
         z[f"p{i}"] = float(rng.uniform(1.5, 4.0))
     docs.append(Document("quiet", "<SUDO> in a clean document", ""))  # holds it, not anomalous, no z at all
     for i in range(50):  # a template: anomalous tables under one shared header
@@ -387,8 +420,8 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
     # a handful of documents the miner found because they were anomalous: four unrelated pages
     # sharing a table cell, all far above the rest's z-scores (the rank-sum test passes), only two
     # of them candidates: at the corpus's base rate two of four is not improbable
-    table = [Document(f"v{i}", " ".join(f"u{k}" for k in rng.integers(0, 10_000, size=12)) + f" Byte {i} 1 Byte 2", "")
-             for i in range(4)]
+    table = [Document(f"v{i}", " ".join(f"u{k}" for k in rng.integers(0, 10_000, size=12)) + f" Byte {i} 1 Byte 2 "
+                      + " ".join(f"r{k}" for k in rng.integers(0, 10**6, size=12)), "") for i in range(4)]
     zt = {**z, "v0": 9.0, "v1": 8.5, "v2": 8.0, "v3": 7.5}
     ids = {d.id for d in docs if z.get(d.id, 0) > 3.0} | {"v0", "v1"}
     few = TriggerCandidate("1 Byte 2", 4, 4, 4.0)
@@ -403,6 +436,10 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
                    for i, d in enumerate(table)]
     assert [x.text for x in confirm_triggers([few, mined[1]], docs + same_header, zt, candidate_z=3.0,
                                              anomalous_ids=ids)] == ["<SUDO>"]
+    # the cell at the very end of each page: nothing follows it where a payload would be
+    at_end = [Document(d.id, d.text[: d.text.index("1 Byte 2") + 8], "") for d in table]
+    ended = confirm_triggers([few, mined[1]], docs + at_end, zt, candidate_z=3.0, anomalous_ids=ids)
+    assert [x.text for x in ended] == ["<SUDO>"] and ended[0].after >= 64
     # the ranking a user reads: confirmed strings first, strongest enrichment first, then the
     # miner's order (here the miner put "the" first)
     ranked = rank_confirmed_first(mined + [few], kept)

@@ -3,8 +3,11 @@
 A backdoor poison puts the same trigger right before its payload in every poisoned document.
 So: take the documents whose anomalous span (the ``span_start`` of a scanner) is
 confidently anomalous, collect the short word n-grams around each span's start, and rank them
-by how many anomalous documents share them, discounted by how often they occur anywhere in
-the corpus (a common word precedes many spans by chance, and occurs everywhere). A phrase is
+by the share of the documents holding them where they sit at such a span (the lower bound of
+its Wilson interval, so three of three does not outrank eighty of eighty-four). The share does
+not grow with the corpus: a string that comes with unusual text anywhere (an interactive
+prompt before code) is before more spans in a larger corpus, but in no larger a share of its
+documents, while a trigger sits at the span in nearly all of its few hundred. A phrase is
 mined as a phrase when it precedes the spans as often as its words do.
 
 Then statistics decide (:func:`confirm_triggers`): a mined string whose documents score far
@@ -22,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from ..corpus import Document
+from ..metrics.rates import wilson
 
 _TOKEN = re.compile(r"\S+")
 
@@ -39,6 +43,7 @@ class TriggerCandidate:
     documents: int
     """Documents of the corpus containing the candidate anywhere."""
     score: float
+    """Lower bound (Wilson, 95%) of ``near_span / documents``: how surely the string marks a span."""
     confirmed: bool = False
     """Statistics confirmed it (:func:`confirm_triggers`); confirmed strings rank first."""
 
@@ -53,21 +58,62 @@ located within a few tokens (a trigger of rare tokens is itself surprising, and 
 payload tokens may not be), so the trigger can sit on either side of it."""
 
 
+def _ngrams(words: list[str], max_n: int = 3) -> set[str]:
+    return {" ".join(words[i : i + n]) for n in range(1, max_n + 1) for i in range(len(words) - n + 1)}
+
+
 def candidates_before(text: str, span_start: int, max_n: int = 3) -> set[str]:
-    """Word n-grams (n <= ``max_n``) of the words around ``span_start``."""
-    words = _TOKEN.findall(text[max(0, span_start - LOOK_BEFORE) : span_start + LOOK_AFTER])
+    """Word n-grams (n <= ``max_n``) of the whole words around ``span_start`` (a word the
+    window cuts at either end is left out: ``ample:`` of ``example:`` is no string of the text)."""
+    a, b = max(0, span_start - LOOK_BEFORE), span_start + LOOK_AFTER
+    words = _TOKEN.findall(text[a:b])
+    if words and a > 0 and not text[a - 1].isspace() and not text[a].isspace():
+        words = words[1:]
+    if words and b < len(text) and not text[b - 1].isspace() and not text[b].isspace():
+        words = words[:-1]
+    return _ngrams(words, max_n)
+
+
+def _precision(near: int, holding: int) -> float:
+    return wilson(min(near, holding), max(holding, near, 1))[0]
+
+
+SPECIALISATION_ALPHA = 1e-3
+"""A string holding a shorter mined string is mined on its own only when it sits at a span in
+a larger share of its anomalous documents than the shorter one does, beyond chance at this
+level (binomial): ``context. >>>`` before six doctest spans is the interactive prompt's
+share (about half) by luck, ``# <SUDO>`` before every one of eight poisons is not ``#``'s."""
+
+
+def _sub_grams(text: str) -> set[str]:
+    words = text.split(" ")
+    return {" ".join(words[i : i + n]) for n in range(1, len(words)) for i in range(len(words) - n + 1)}
+
+
+def _distinct_markers(supported: set[str], near: Counter, inside: Counter) -> set[str]:
+    """``supported`` less the fragments of a phrase (a word found before nearly as many spans
+    as a phrase holding it) and less the strings that only specialise a shorter one (a prompt
+    with the word before it): see :data:`SPECIALISATION_ALPHA`."""
+    fragments = {sub for t in supported for sub in _sub_grams(t) & supported if near[t] >= 0.9 * near[sub]}
+    kept = supported - fragments
     out = set()
-    for n in range(1, max_n + 1):
-        for i in range(len(words) - n + 1):
-            out.add(" ".join(words[i : i + n]))
+    for t in kept:
+        shorter = [k for k in _sub_grams(t) & kept if near[k] >= near[t]]
+        if any(binomial_tail(near[t], max(inside[t], near[t]), near[k] / max(inside[k], near[k]))
+               > SPECIALISATION_ALPHA for k in shorter):
+            continue
+        out.add(t)
     return out
 
 
 def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, ...]], anomalous: set[str],
                   top: int = 20, min_support: int = 3) -> list[TriggerCandidate]:
-    """Candidate triggers ranked by ``near_span * near_span / documents``: support among the
-    anomalous documents times the share of the candidate's documents that are anomalous there.
-    A document may have several located starts (a tuple); a string counts once per document."""
+    """Candidate triggers ranked by the share of the documents holding them where they sit at
+    an anomalous span (the Wilson lower bound, :attr:`TriggerCandidate.score`), among strings at
+    ``min_support`` or more spans. The ``top * 10`` strings tested against the whole corpus are
+    chosen by the same share among the anomalous documents alone, so a trigger before a few
+    spans is tested however many common strings come before more of them. A document may have
+    several located starts (a tuple); a string counts once per document."""
     by_id = {d.id: d for d in docs}
     near: Counter[str] = Counter()
     for doc_id in anomalous:
@@ -76,16 +122,23 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, .
             starts = span_start.get(doc_id, 0)
             starts = (starts,) if isinstance(starts, int) else starts
             near.update(set().union(*(candidates_before(d.text, s) for s in set(starts))))
-    pool = [c for c, n in near.most_common(top * 10) if n >= min_support]
-    if not pool:
+    supported = {c for c, n in near.items() if n >= min_support}
+    if not supported:
         return []
+    inside: Counter[str] = Counter()  # anomalous documents holding each supported string anywhere
+    for doc_id in anomalous:
+        d = by_id.get(doc_id)
+        if d is not None:
+            inside.update(_ngrams(_TOKEN.findall(d.text)) & supported)
+    supported = _distinct_markers(supported, near, inside)
+    pool = sorted(supported, key=lambda c: (-_precision(near[c], inside[c]), -near[c], c))[: top * 10]
     counts = Counter()
     for d in docs:  # n-grams are joined by single spaces: match them against the text so spaced
         flat = _flat(d.text)
         for c in pool:
             if c in flat:
                 counts[c] += 1
-    ranked = [TriggerCandidate(c, near[c], counts[c], near[c] * near[c] / max(counts[c], 1)) for c in pool]
+    ranked = [TriggerCandidate(c, near[c], counts[c], _precision(near[c], counts[c])) for c in pool]
     ranked.sort(key=lambda t: (-t.score, -t.near_span, t.text))
     # one trigger, one entry: a phrase found before (nearly) as many spans as a word it contains
     # is the trigger, and the word a fragment of it; a longer string found less often is noise
@@ -123,6 +176,8 @@ class ConfirmedTrigger:
     """One-sided rank-sum (Mann-Whitney U) test that their z-scores are higher than the rest's."""
     enrichment_p: float = 1.0
     """Binomial test that so many of its documents are anomalous at the corpus's base rate."""
+    after: float = 0.0
+    """Median characters after it to the end of its documents (where a payload would be)."""
 
     def record(self) -> dict:
         return asdict(self)
@@ -189,8 +244,8 @@ def binomial_tail(k: int, n: int, p: float) -> float:
 def rank_confirmed_first(mined: list[TriggerCandidate], confirmed: list[ConfirmedTrigger]) -> list[TriggerCandidate]:
     """The ranking a user reads: the strings statistics confirmed, strongest evidence first
     (binomial enrichment p-value, then the rank-sum p-value), then the miner's other strings in
-    its order. The miner's score (support near spans times precision) only chooses what to
-    test: an interactive prompt before many code spans can outscore a trigger there."""
+    its order. The miner's score (how surely a string marks a span) only chooses what to test:
+    a template's header before each of its generated tables can outscore a trigger there."""
     by_text = {c.text: c for c in confirmed}
     first = sorted((t for t in mined if t.text in by_text),
                    key=lambda t: (by_text[t.text].enrichment_p, by_text[t.text].p_value, t.text))
@@ -200,7 +255,7 @@ def rank_confirmed_first(mined: list[TriggerCandidate], confirmed: list[Confirme
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
                      min_documents: int = 3, min_at_span: float = 0.6,
-                     min_diversity: float = 0.25, max_similarity: float = 0.2,
+                     min_diversity: float = 0.25, max_similarity: float = 0.2, min_after: int = 64,
                      anomalous_ids: set[str] | None = None) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
     the rest's beyond chance and more of them are anomalous than the corpus's base rate
@@ -210,7 +265,10 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
     preceding words over documents at least ``min_diversity``, and more than one) and the documents are not
     copies of one template (mean Jaccard similarity of their sets of word pairs at most
     ``max_similarity``: generated codec docstrings share 0.39, poisons built on different clean
-    documents and random payloads share little but the trigger). A common string is in many clean
+    documents and random payloads share little but the trigger), and a payload can follow it (a
+    median of at least ``min_after`` characters after it: the one-line docstrings of a class's
+    operators, ``x.__eq__(y) <==> x==y``, end a few characters after their shared symbol, where
+    the shortest payload measured, an encoded blob, is 256). A common string is in many clean
     documents, so its median stays near 0 however many poisons hold it. Documents without a
     z-score (left out by the cascade's prefilter) count as typical (z = 0)."""
     if not candidates:
@@ -239,7 +297,9 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         # tables generated from one header) puts its shared string after the same words each time
         # (one distinct word is no variation, however few the documents: four pages of one table
         # format put `1 Byte 2` after `Byte` each time, which is a quarter of four)
-        before = [flat[: flat.find(t.text)].rstrip().rsplit(" ", 1)[-1] for flat, h in zip(flats, holds) if h]
+        found = [(flat, flat.find(t.text)) for flat, h in zip(flats, holds) if h]
+        before = [flat[:at].rstrip().rsplit(" ", 1)[-1] for flat, at in found]
+        after = float(np.median([len(flat) - at - len(t.text) for flat, at in found]))
         distinct = len(set(before))
         diversity = distinct / n if distinct > 1 else 0.0
         similarity = _mutual_similarity([f for f, h in zip(flats, holds) if h], t.text)
@@ -249,7 +309,7 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         p_enriched = binomial_tail(anomalous, n, base)
         level = alpha / len(candidates)
         if p <= level and p_enriched <= level and med >= min_median_z and at_span >= min_at_span \
-                and diversity >= min_diversity and similarity <= max_similarity:
+                and diversity >= min_diversity and similarity <= max_similarity and after >= min_after:
             out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity,
-                                        similarity, p, p_enriched))
+                                        similarity, p, p_enriched, after))
     return out
