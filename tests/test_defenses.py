@@ -582,6 +582,15 @@ def test_defend_reports_recall_and_false_positives_per_family(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"),
                           "--families", "paper", "--repeats", "0"], capture_output=True, text=True)
     assert bad.returncode != 0 and "--repeats must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+    # an absolute number of poisons instead of a share: five in every draw, whatever the corpus's size
+    five = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"), "--name", "five",
+                           "--families", "paper", "--poisons", "5"], capture_output=True, text=True)
+    assert five.returncode == 0, five.stderr[-2000:]
+    (x,) = read_json(tmp_path / "out" / "defense" / "five" / "families.json", "r")["results"]
+    assert x["poisons"] == 5 and x["documents"] == 305 and x["density"] == pytest.approx(5 / 305)
+    none = subprocess.run([sys.executable, "-m", "poisonlab", "defend", "-c", str(tmp_path / "c.yaml"), "--name", "none",
+                           "--families", "paper", "--poisons", "0"], capture_output=True, text=True)
+    assert none.returncode == 2 and "at least 1, got 0" in none.stderr and "Traceback" not in none.stderr
 
 
 def test_script_scanner_flags_mixed_scripts_and_blobs_but_not_a_quotation(prose):

@@ -508,7 +508,7 @@ def _defend_families(cfg, args, out: Path) -> int:
     for name in names:
         draws = []
         for k in range(args.repeats):
-            res, det = evaluate_family(cfg, name, args.density, progress=False, seed=cfg.seed + k)
+            res, det = evaluate_family(cfg, name, args.density, progress=False, seed=cfg.seed + k, count=args.poisons)
             write_detection(det, out / (f"family-{name}" if args.repeats == 1 else f"family-{name}-seed{cfg.seed + k}"))
             draws.append(res)
         results.extend(draws)
@@ -707,6 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--families", help="poison families an outside attacker would use instead (comma-separated, or all: "
                                       "see poisonlab.defenses.families), mixed into every document of corpus.source")
     s.add_argument("--density", type=float, default=0.01, help="with --families: poisons' share of the documents")
+    s.add_argument("--poisons", type=int, help="with --families: this many poisons per draw instead of --density")
     s.add_argument("--repeats", type=int, default=1, help="with --families: independent poison draws (seeds seed, "
                                                           "seed+1, ...) per family, pooled in the table")
     s.set_defaults(fn=cmd_defend)

@@ -139,18 +139,23 @@ def evaluate_variant(cfg: RunConfig, variant: str, baselines: bool = True, progr
 
 
 def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool = False,
-                    pieces=None, seed: int | None = None) -> tuple[dict, Detection]:
+                    pieces=None, seed: int | None = None, count: int | None = None) -> tuple[dict, Detection]:
     """Poisons of a family (:mod:`poisonlab.defenses.families`) at ``density`` of the corpus's
-    documents, mixed into every document of ``corpus.source``, scanned by the detection rule.
-    ``seed`` (default ``cfg.seed``) draws the poisons; the record holds the hashes of the corpus
-    manifest, the tokenizer and the exact set scanned."""
+    documents (or exactly ``count`` of them), mixed into every document of ``corpus.source``,
+    scanned by the detection rule. ``seed`` (default ``cfg.seed``) draws the poisons; the record
+    holds the hashes of the corpus manifest, the tokenizer and the exact set scanned."""
     seed = cfg.seed if seed is None else seed
     from ..corpus import scan_documents
     from .families import count_for_density, make_family
 
     data = prepare_data(cfg.corpus, cfg.tokenizer, Path(cfg.out_dir) / "cache", progress=progress)
     clean = list(scan_documents(cfg.corpus))
-    count = count_for_density(len(clean), density)
+    if count is None:
+        count = count_for_density(len(clean), density)
+    elif count < 1:
+        raise PoisonlabError(f"the number of poisons must be at least 1, got {count}")
+    else:
+        density = count / (len(clean) + count)
     made = make_family(family, [d.text for d in clean if len(d.text) >= 200] or [d.text for d in clean], count,
                        seed=seed, tokenizer=data.tokenizer, pieces=pieces)
     poisons = [Document(f"poison-{family}-{i:06d}", p.text, "poison") for i, p in enumerate(made)]
