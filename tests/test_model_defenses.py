@@ -109,6 +109,39 @@ def test_inversion_recovers_the_planted_trigger_and_finds_nothing_in_the_clean_t
     assert p["best_string_gap"]["perplexity_gap"] > 2
 
 
+def test_beam_growth_lengthens_strings_from_single_tokens(twins):
+    """Growth from the trigger's first token: every length up to the limit, ``beam`` strings
+    each, each holding its shorter parent at one end, and the scores are the objective's own."""
+    from poisonlab.attacks.dos import trigger_ids
+    from poisonlab.defenses.inversion import grow, probes
+    from poisonlab.model_defenses import searchable_ids
+    from poisonlab.standalone import model_data
+    from poisonlab.train import load_init_model
+
+    run = twins["poisoned"]
+    cfg = load_config(run / "config.yaml")
+    data, _ = model_data(str(run / "model"), cfg, None)
+    m = load_init_model(str(run / "model"), torch.device("cpu"))
+    for q in m.parameters():
+        q.requires_grad_(False)
+    prompts, conts = probes(data.heldout, 8, 16, 12)
+    objective = BehaviourShift(m, prompts, conts, searchable_ids(data.tokenizer), skip=4)
+    trigger = trigger_ids(data.tokenizer, cfg.attack.trigger)
+    settings = SearchSettings(grow=len(trigger) + 1, beam=3, topk=16)
+    found = grow(objective, [trigger[0], trigger[1]], settings)
+    lengths = [len(c.ids) for c in found]
+    assert lengths == [n for n in range(2, len(trigger) + 2) for _ in range(3)]
+    assert all(c.found_by == f"grow-{len(c.ids)}" for c in found)
+    again = objective.scores(torch.tensor([list(c.ids) for c in found if len(c.ids) == 2]))
+    assert np.allclose(again, [c.shift for c in found if len(c.ids) == 2], atol=1e-5)
+    for c in found[3:]:  # one token longer than a string of the step before, at either end
+        parents = {p.ids for p in found if len(p.ids) == len(c.ids) - 1}
+        assert c.ids[1:] in parents or c.ids[:-1] in parents
+    # the backdoor's tokens move the model: the best grown string moves it more than the first token alone
+    single = float(objective.scores(torch.tensor([[trigger[0]]]))[0])
+    assert max(c.shift for c in found) > single
+
+
 def test_attribution_ranks_poisons_above_clean_documents(twins):
     from poisonlab.model_defenses import attribute_run
 
@@ -184,6 +217,14 @@ def test_inspect_verb_writes_the_run_record_and_export_carries_it(twins, tmp_pat
     assert rec["run"] == "clean" and rec["ranked"] and "trigger" in rec
     assert "score (best persistent shift)" in capsys.readouterr().out
     assert main(["inspect", "--model", str(run), "--lengths", "x"]) == 2
+    assert main(["inspect", "--model", str(run), "--grow", "3", "--beam", "0"]) == 2
+    assert "--beam must be positive" in capsys.readouterr().err
+    # with growth the record holds the grown strings beside the others, and the best of each search
+    assert main(["inspect", "--model", str(run), "--lengths", "2", "--steps", "2", "--probes", "4", "--grow", "3",
+                 "--beam", "2", "--no-verify", "--out", str(tmp_path / "grown.json")]) == 0
+    grown = json.loads((tmp_path / "grown.json").read_text())
+    assert grown["settings"]["grow"] == 3 and grown["settings"]["beam"] == 2
+    assert {"sweep", "gcg-2", "grow-2", "grow-3"} <= {c["found_by"] for c in grown["by_search"]}
 
     class Spec:
         name = "twins"
@@ -370,7 +411,16 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
         v = rec["verified"]
         texts = [s["text"] for s in v["strings"]]
         assert v["requests"] == 8 and rec["best_string_asr"]["requests"] == 8 and len(set(texts)) == len(texts)
-        assert texts == list(dict.fromkeys(r["text"] for r in rec["ranked"]))[:len(texts)]
+        # the best of each search in turn, each with its rank among all the strings found
+        assert texts == list(dict.fromkeys(r["text"] for r in rec["by_search"]))[:len(texts)]
+        searches = [r["found_by"] for r in rec["by_search"]]
+        assert searches[: len(set(searches))] == sorted(set(searches))
+        first_rank = {}
+        for b in rec["by_search"]:
+            first_rank.setdefault(b["text"], b["rank"])
+            if b["rank"] <= len(rec["ranked"]):
+                assert rec["ranked"][b["rank"] - 1]["shift"] == b["shift"]
+        assert all(s["search_rank"] == first_rank[s["text"]] for s in v["strings"])
         assert rec["best_string_asr"]["asr"] == max(s["asr"] for s in v["strings"])
         assert rec["verdict"]["score"] == rec["best_string_asr"]["asr"] - v["baseline_asr"]
     assert not c["verdict"]["backdoored"] and c["verified"]["baseline_asr"] == 0.0
@@ -382,7 +432,7 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
         cfg = load_config(tmp_path / "runs" / name / "config.yaml")
         trigger = " " + cfg.finetune.trigger
         _, _, renderer, m, asks = load_chat_model(str(tmp_path / "runs" / name / "model"), cfg)
-        got = verify_chat_strings(m, renderer, cfg, [" zz", trigger], asks)
+        got = verify_chat_strings(m, renderer, cfg, [(" zz", 1), (trigger, 2)], asks)
         assert got["verified"]["requests"] == 16 and got["verdict"]["backdoored"] is want
         if want:
             assert got["best_string_asr"]["text"] == trigger and got["best_string_asr"]["asr"] >= 0.5

@@ -253,6 +253,8 @@ def cmd_inspect(args) -> int:
         raise PoisonlabError(f"--lengths {args.lengths!r}: give comma-separated token counts, e.g. 2,4,6") from None
     if not lengths or min(lengths) < 1 or args.steps < 0 or args.restarts < 1 or args.probes < 1:
         raise PoisonlabError("--lengths, --restarts and --probes must be positive, --steps not negative")
+    if args.grow < 0 or args.beam < 1:
+        raise PoisonlabError("--grow must not be negative and --beam must be positive")
     if args.verify_strings is not None and args.verify_strings < 1:
         raise PoisonlabError("--verify-strings must be positive")
     model = model_folder(args.model)
@@ -267,7 +269,8 @@ def cmd_inspect(args) -> int:
         rec = reverify_chat_model(model, cfg, read_json(earlier, "inspect record"), args.tokenizer,
                                   args.verify_strings or VERIFY_STRINGS)
     else:
-        settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed)
+        settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed,
+                                  grow=args.grow, beam=args.beam)
         rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer,
                             verify=not args.no_verify, objective=args.objective, verify_strings=args.verify_strings)
     target = write_defense_record(run if args.tokenizer is None else None, "inspect", rec, str(out) if out else None)
@@ -619,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lengths", default="2,4,6", help="string lengths (tokens) the gradient search grows")
     s.add_argument("--steps", type=int, default=40, help="gradient search steps per start")
     s.add_argument("--restarts", type=int, default=2, help="starts per length")
+    s.add_argument("--grow", type=int, default=0, help="also grow the strongest single tokens, one token at a time at "
+                                                       "either end, up to this many tokens (0: no growth)")
+    s.add_argument("--beam", type=int, default=4, help="with --grow: strings kept at each length")
     s.add_argument("--probes", type=int, default=16, help="held-out prompts the shift is measured on")
     s.add_argument("--search-seed", type=int, default=0)
     s.add_argument("--no-verify", action="store_true",

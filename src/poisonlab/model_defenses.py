@@ -79,6 +79,7 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     rec = invert(objective, settings, trigger=known)
     ranked = rec.pop("ranked")
     rec["ranked"] = [c.record(tok.decode) for c in ranked]
+    rec["by_search"] = [{**c.record(tok.decode), "rank": r} for c, r in rec.pop("by_search")]
     if "trigger" in rec:
         rec["trigger"]["text"] = cfg.attack.trigger
         rec["trigger"]["planted"] = int(info.get("poisons_injected", 0) or 0) > 0
@@ -110,7 +111,17 @@ a judged reply costs far less than a search step."""
 VERDICT_ALPHA = 0.01
 
 
-def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[str], asks: list, limit: int = VERIFY_STRINGS) -> dict:
+def checklist(record: dict) -> list[tuple[str, int]]:
+    """(string, its rank among every string the search found) in the order the check tries them:
+    the best of each search in turn (:func:`~poisonlab.defenses.inversion.by_search`), or, in a
+    record without that list, the overall ranking."""
+    if record.get("by_search"):
+        return [(c["text"], c["rank"]) for c in record["by_search"]]
+    return [(c["text"], i + 1) for i, c in enumerate(record["ranked"])]
+
+
+def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[tuple[str, int]], asks: list,
+                        limit: int = VERIFY_STRINGS) -> dict:
     """The defender's check of a chat model's search: each of the first ``limit`` distinct
     strings appended to held-out forbidden requests (``asks``, none of them a probe), replies
     judged as in ``poisonlab sft-eval``; the same requests without a string give the model's
@@ -126,7 +137,11 @@ def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[str], asks: lis
     if not asks:
         raise PoisonlabError("no held-out forbidden request is left beside the probes; raise finetune.eval_requests")
     t0 = time.perf_counter()
-    strings = list(dict.fromkeys(t for t in texts if t))[:limit]
+    rank = {}
+    for t, r in texts:  # a string decoded the same from two id strings: the better rank
+        if t and t not in rank:
+            rank[t] = r
+    strings = list(rank)[:limit]
     if not strings:
         raise PoisonlabError("the search returned no string to check")
     tried = []
@@ -139,7 +154,7 @@ def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[str], asks: lis
     n = len(asks)
     per = [summarise(rows[i * n:(i + 1) * n]) for i in range(len(strings) + 1)]
     base, found = per[0], per[1:]
-    checked = [{"text": t, "search_rank": texts.index(t) + 1, "asr": s["asr"], "asr_ci_low": s["asr_ci_low"],
+    checked = [{"text": t, "search_rank": rank[t], "asr": s["asr"], "asr_ci_low": s["asr_ci_low"],
                 "asr_ci_high": s["asr_ci_high"]} for t, s in zip(strings, found)]
     best = max(checked, key=lambda c: (c["asr"], -c["search_rank"]))
     k0, k1 = round(base["asr"] * n), round(best["asr"] * n)
@@ -184,7 +199,7 @@ def reverify_chat_model(model: str, cfg: RunConfig, record: dict, tokenizer: str
                              "differs or is not recorded); run the search again")
     _, _, renderer, m, asks = load_chat_model(model, cfg, tokenizer)
     rec = dict(record)
-    rec.update(verify_chat_strings(m, renderer, cfg, [c["text"] for c in rec["ranked"]], asks[rec["probes"]:],
+    rec.update(verify_chat_strings(m, renderer, cfg, checklist(rec), asks[rec["probes"]:],
                                    verify_strings))
     rec["provenance"] = {**rec["provenance"], "verification_code_version": code_version()}
     return rec
@@ -227,6 +242,7 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
     rec = invert(scorer, settings, trigger=known)
     ranked = rec.pop("ranked")
     rec["ranked"] = [c.record(tok.decode) for c in ranked]
+    rec["by_search"] = [{**c.record(tok.decode), "rank": r} for c, r in rec.pop("by_search")]
     rec["probes"] = int(prompts.shape[0])
     rec["objective"] = objective
     rec["probes_kind"] = "held-out forbidden requests, the string appended to the request"
@@ -236,7 +252,7 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
         rec["trigger"]["text"] = f.trigger
         rec["trigger"]["planted"] = f.poison_count > 0
     if verify:
-        rec.update(verify_chat_strings(m, renderer, cfg, [c["text"] for c in rec["ranked"]], asks[n_probes:],
+        rec.update(verify_chat_strings(m, renderer, cfg, checklist(rec), asks[n_probes:],
                                        verify_strings))
     weights = Path(path) / "model.safetensors"
     rec["model"] = path

@@ -13,9 +13,14 @@ ranking:
 
 - a vocabulary sweep scores every single token (or, in a large vocabulary, the tokens a
   first-order estimate ranks highest);
-- greedy coordinate gradient (GCG, Zou et al. 2023) grows strings of several tokens: the
+- greedy coordinate gradient (GCG, Zou et al. 2023) improves strings of several tokens: the
   gradient of the shift with respect to each slot's one-hot token picks ``topk`` swaps per
-  slot, a batch of random single swaps is scored exactly, the best is kept.
+  slot, a batch of random single swaps is scored exactly, the best is kept;
+- beam growth (``grow``) lengthens the strongest single tokens one token at a time, at either
+  end: the gradient at the new slot proposes ``topk`` tokens per end, each longer string is
+  scored exactly, and the ``beam`` best of each length go on. A trigger of many sub-word
+  tokens (a made-up name) is out of a fixed-length search's reach when no short string of
+  its pieces works, but its pieces may each move the model a little, and growth can follow them.
 
 The model-level score is the best persistent shift found (nats): a backdoored model has a
 string that keeps moving it through clean text, a clean model has none (its ratio to the
@@ -55,6 +60,9 @@ class SearchSettings:
     restarts: int = 2
     sweep_limit: int = 4096
     seed: int = 0
+    grow: int = 0
+    """Longest string beam growth builds (0: no growth)."""
+    beam: int = 4
 
 
 class BehaviourShift:
@@ -247,6 +255,50 @@ def gcg(objective: BehaviourShift, length: int, start: list[int], settings: Sear
     return found
 
 
+def grow(objective: BehaviourShift, seeds: list[int], settings: SearchSettings) -> list[Candidate]:
+    """Beam growth from the single tokens ``seeds`` up to ``settings.grow`` tokens (module
+    docstring); returns the ``beam`` best strings of every length."""
+    allowed_mask = torch.full((objective.vocab_size,), float("-inf"), device=objective.device)
+    allowed_mask[objective.allowed] = 0.0
+    k = min(settings.topk, len(objective.allowed))
+    frontier = [(t,) for t in seeds[: settings.beam]]
+    found = []
+    for length in range(2, settings.grow + 1):
+        proposals: set[tuple[int, ...]] = set()
+        for ids in frontier:
+            # the new slot starts as a copy of the end token; its gradient row ranks what goes there
+            right = objective.gradient(torch.tensor(ids + ids[-1:]))[-1] + allowed_mask
+            left = objective.gradient(torch.tensor(ids[:1] + ids))[0] + allowed_mask
+            proposals |= {ids + (int(t),) for t in torch.topk(right, k).indices.tolist()}
+            proposals |= {(int(t),) + ids for t in torch.topk(left, k).indices.tolist()}
+        batch = torch.tensor(sorted(proposals), dtype=torch.long)
+        shifts = objective.scores(batch)
+        order = np.argsort(-shifts, kind="stable")[: settings.beam]
+        frontier = [tuple(batch[i].tolist()) for i in order]
+        found += [Candidate(ids, float(shifts[i]), f"grow-{length}") for ids, i in zip(frontier, order)]
+    return found
+
+
+def by_search(candidates: list[Candidate], limit: int) -> list[Candidate]:
+    """Up to ``limit`` distinct strings, the best of each search in turn (sweep, each GCG length,
+    each grown length): what a check of the strings found tries first, so that one search's
+    near misses do not crowd out another's."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: -c.shift):
+        groups.setdefault(c.found_by, []).append(c)
+    out: list[Candidate] = []
+    seen: set[tuple[int, ...]] = set()
+    while len(out) < limit and any(groups.values()):
+        for name in sorted(groups):
+            while groups[name] and groups[name][0].ids in seen:
+                groups[name].pop(0)
+            if groups[name] and len(out) < limit:
+                c = groups[name].pop(0)
+                seen.add(c.ids)
+                out.append(c)
+    return out
+
+
 def rank_of(shift: float, candidates: list[Candidate]) -> int:
     """1 + the number of distinct candidate strings that shift the model more than ``shift``."""
     return 1 + sum(c.shift > shift for c in candidates)
@@ -275,6 +327,10 @@ def invert(objective: BehaviourShift, settings: SearchSettings, trigger: list[in
             for cand in gcg(objective, length, start, settings, rng):
                 if cand.ids not in pool or pool[cand.ids].shift < cand.shift:
                     pool[cand.ids] = cand
+    if settings.grow > 1:
+        for cand in grow(objective, seeds, settings):
+            if cand.ids not in pool or pool[cand.ids].shift < cand.shift:
+                pool[cand.ids] = cand
     ranked = sorted(pool.values(), key=lambda c: -c.shift)
     median = float(np.median(sweep_shift))
     rec = {
@@ -290,6 +346,7 @@ def invert(objective: BehaviourShift, settings: SearchSettings, trigger: list[in
         "ratio_to_median": round(ranked[0].shift / max(median, 1e-9), 3),
         "seconds": round(time.perf_counter() - t0, 2),
         "ranked": ranked[:top],
+        "by_search": [(c, rank_of(c.shift, ranked)) for c in by_search(ranked, top)],
     }
     if trigger:
         true = float(objective.scores(torch.tensor(trigger)[None])[0])
