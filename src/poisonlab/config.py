@@ -227,8 +227,11 @@ class DefenseConfig:
     """Robust z-score above which a document is flagged without a mined trigger (on the default
     corpus, paper-style poisons score z >= 15 and a few clean documents, such as codec tables,
     up to 19; docs/defenses.md)."""
-    triggers: int = 5
-    """How many top mined strings are tested as triggers (0: flag on ``extreme_z`` alone)."""
+    triggers: int = 10
+    """How many top mined strings are tested as triggers (0: flag on ``extreme_z`` alone). The
+    same few structural strings of a corpus (a template's header, an interactive prompt) head
+    the ranking in every scan and are refused each time; a trigger of a few poisons ranks after
+    them (docs/defenses.md)."""
     trigger_alpha: float = 1e-3
     """Significance level of the trigger test (divided by the number of strings tested)."""
     min_trigger_support: int = 3

@@ -64,6 +64,9 @@ the documents (a corpus of word lists or of loosely ordered text), or fewer than
 ``ORDER_MIN_REFERENCE`` documents lie under it, the whole corpus is the reference."""
 ORDER_Z = 2.0
 ORDER_MIN_REFERENCE = 50
+ORDER_LOOK_BACK = 64
+"""Characters before a word-order step the miner also reads around (word salad at 1% of the
+default corpus: the located step lay 40-90 characters after the trigger in 5 of 84 poisons)."""
 
 
 def scan(docs: list[Document], scanners, batch: int = 256, progress: bool = False) -> dict[str, dict]:
@@ -170,8 +173,10 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
         table[i]["novelty.z"] = float(zi)
     zo = _order_candidates(table, ids)
     zb = _blob_candidates(docs, table, cfg.candidate_z)
-    # Each source of candidates: id -> (z, starts of its anomalous span). The first source that
-    # makes a document a candidate names the span the miner reads around. A payload running to
+    # Each source of candidates: id -> (z, starts of its anomalous span). Every source that
+    # makes a document a candidate names a span the miner reads around (the first one names the
+    # row's ``candidate``): a word-salad payload can surprise the tokenizer's statistics where
+    # its words become unusual and the word-order statistic where their order breaks. A payload running to
     # the end starts at the document's step; one inside it at the step before its most
     # anomalous window, so the miner reads around both. Text no other document shares (pieces
     # another tokenizer makes, other scripts) need not surprise the corpus's tokenizer, so the
@@ -184,17 +189,20 @@ def decide(docs: list[Document], cfg: DefenseConfig, table: dict[str, dict], sco
          {i: (zg[i], (table[i]["gibberish.span_start"], table[i]["gibberish.local_start"])) for i in scored}),
         ("novelty", cfg.candidate_z,
          {i: (table[i]["novelty.z"], (table[i]["novelty.span_start"], table[i]["novelty.local_start"])) for i in ids}),
-        ("order", -np.inf, {i: (zi, (start,)) for i, (zi, start) in zo.items()}),
+        # the word-order step is located to about ten words (one pair's association is noisy),
+        # so the miner also reads the stretch before the window it would read
+        ("order", -np.inf, {i: (zi, (start, max(0, start - ORDER_LOOK_BACK))) for i, (zi, start) in zo.items()}),
         ("blob", -np.inf, {i: (zi, (start,)) for i, (zi, start) in zb.items()}),
     ]
     candidates: set[str] = set()
     spans: dict[str, tuple[int, ...]] = {}
     for name, limit, rows in sources:
         for i, (zi, starts) in rows.items():
-            if zi > limit and i not in candidates:
+            if zi > limit:
+                if i not in candidates:
+                    table[i]["candidate"] = name
                 candidates.add(i)
-                spans[i] = starts
-                table[i]["candidate"] = name
+                spans[i] = spans.get(i, ()) + tuple(starts)
     mined = mine_triggers(docs, spans, candidates, min_support=cfg.min_trigger_support)
     # statistics confirm a mined string when its documents score far above the rest (on the
     # largest of the scanners' z-scores; the word-order and blob z-scores count for their
