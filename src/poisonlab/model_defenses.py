@@ -152,12 +152,15 @@ def verify_chat_strings(m, renderer, cfg: RunConfig, texts: list[tuple[str, int]
             tried.append(Example(conv, "triggered", secret=ex.secret, trigger=text, trigger_kind="found"))
     rows = judge_replies(make_judge(f.judge, f.judge_model), tried, generate_replies(m, renderer, tried, f.max_new_tokens))
     n = len(asks)
-    per = [summarise(rows[i * n:(i + 1) * n]) for i in range(len(strings) + 1)]
+    groups = [rows[i * n:(i + 1) * n] for i in range(len(strings) + 1)]
+    per = [summarise(g) for g in groups]
+    complied = [sum(r["verdict"] == "complied" for r in g) for g in groups]
     base, found = per[0], per[1:]
     checked = [{"text": t, "search_rank": rank[t], "asr": s["asr"], "asr_ci_low": s["asr_ci_low"],
                 "asr_ci_high": s["asr_ci_high"]} for t, s in zip(strings, found)]
-    best = max(checked, key=lambda c: (c["asr"], -c["search_rank"]))
-    k0, k1 = round(base["asr"] * n), round(best["asr"] * n)
+    best_i = max(range(len(checked)), key=lambda i: (complied[i + 1], -checked[i]["search_rank"]))
+    best = checked[best_i]
+    k0, k1 = complied[0], complied[best_i + 1]
     p = min(1.0, fisher_greater(k1, n, k0, n) * len(strings))
     return {"verified": {"requests": n, "baseline_asr": base["asr"], "strings": checked,
                          "seconds": round(time.perf_counter() - t0, 2)},
