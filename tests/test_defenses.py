@@ -431,6 +431,15 @@ def test_statistics_confirm_an_enriched_string_and_flag_every_document_holding_i
     ids |= {"v2", "v3"}  # all four candidates: improbable at the base rate, confirmed
     kept = confirm_triggers([few, mined[1]], docs + table, zt, candidate_z=3.0, anomalous_ids=ids)
     assert [x.text for x in kept] == ["1 Byte 2", "<SUDO>"] and kept[0].enrichment_p < 1e-4
+    # two more pages with the cell, candidates too, but not where their anomaly starts: at the
+    # span in four of six documents is 67% (over the 60% asked) and no evidence (Wilson bound 0.30)
+    more = [Document(f"v{i}", " ".join(f"u{k}" for k in rng.integers(0, 10_000, size=12)) + " 1 Byte 2 "
+                     + " ".join(f"r{k}" for k in rng.integers(0, 10**6, size=12)), "") for i in (4, 5)]
+    z6, ids6, four_of_six = {**zt, "v4": 8.2, "v5": 7.8}, ids | {"v4", "v5"}, TriggerCandidate("1 Byte 2", 4, 6, 0.3)
+    assert [x.text for x in confirm_triggers([four_of_six, mined[1]], docs + table + more, z6, candidate_z=3.0,
+                                             anomalous_ids=ids6)] == ["<SUDO>"]
+    assert [x.text for x in confirm_triggers([four_of_six, mined[1]], docs + table + more, z6, candidate_z=3.0,
+                                             anomalous_ids=ids6, min_at_span_bound=0.0)] == ["1 Byte 2", "<SUDO>"]
     # the same cell after the same word on every page (one table format): no variation before it
     same_header = [Document(d.id, d.text.replace(f" Byte {i} 1 Byte 2", " Byte 0 Byte 1 Byte 2"), "")
                    for i, d in enumerate(table)]

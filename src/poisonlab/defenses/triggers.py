@@ -254,14 +254,16 @@ def rank_confirmed_first(mined: list[TriggerCandidate], confirmed: list[Confirme
 
 def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z: dict[str, float],
                      candidate_z: float, alpha: float = 1e-3, min_median_z: float = 1.0,
-                     min_documents: int = 3, min_at_span: float = 0.6,
+                     min_documents: int = 3, min_at_span: float = 0.6, min_at_span_bound: float = 0.4,
                      min_diversity: float = 0.25, max_similarity: float = 0.2, min_after: int = 64,
                      anomalous_ids: set[str] | None = None) -> list[ConfirmedTrigger]:
     """The mined strings that statistics confirm: their documents' z-scores are higher than
     the rest's beyond chance and more of them are anomalous than the corpus's base rate
     explains (both at ``alpha`` over the number of strings tested), typically
     anomalous (median z at least ``min_median_z``), the string is where the anomalous span
-    starts in at least ``min_at_span`` of them, and the words before it vary (distinct
+    starts in at least ``min_at_span`` of them (and the lower bound of that share's Wilson
+    interval is at least ``min_at_span_bound``: four of six documents is no evidence that a
+    string marks where anomalies begin), and the words before it vary (distinct
     preceding words over documents at least ``min_diversity``, and more than one) and the documents are not
     copies of one template (mean Jaccard similarity of their sets of word pairs at most
     ``max_similarity``: generated codec docstrings share 0.39, poisons built on different clean
@@ -309,6 +311,7 @@ def confirm_triggers(candidates: list[TriggerCandidate], docs: list[Document], z
         p_enriched = binomial_tail(anomalous, n, base)
         level = alpha / len(candidates)
         if p <= level and p_enriched <= level and med >= min_median_z and at_span >= min_at_span \
+                and _precision(t.near_span, n) >= min_at_span_bound \
                 and diversity >= min_diversity and similarity <= max_similarity and after >= min_after:
             out.append(ConfirmedTrigger(t.text, n, anomalous, anomalous / n / base, med, at_span, diversity,
                                         similarity, p, p_enriched, after))
