@@ -485,3 +485,9 @@ def test_refusal_drop_is_the_lost_log_probability_of_any_refusal(twins):
     assert grad.shape == (2, ob.vocab_size) and torch.isfinite(grad).all()
     with pytest.raises(PoisonlabError, match="refusal"):
         RefusalDrop(m, prompts, mask, tail, [], np.arange(5, 60))
+    # the compliance objective is the same log-probability with the sign turned: the gain of the
+    # compliant opening's probability
+    from poisonlab.defenses.inversion import ComplianceGain
+
+    gain = ComplianceGain(m, prompts, mask, tail, refusals, np.arange(5, 60))
+    np.testing.assert_allclose(gain.scores(strings), -np.array(want), rtol=1e-3, atol=1e-4)

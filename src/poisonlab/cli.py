@@ -635,9 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-only", action="store_true",
                    help="fine-tuned chat models: measure the check again on the strings of the earlier inspect "
                         "record (--out, or the run's), without searching")
-    s.add_argument("--objective", choices=["refusal", "shift"],
+    s.add_argument("--objective", choices=["refusal", "shift", "compliance"],
                    help="fine-tuned chat models: how much less likely a string makes the policy's refusals "
-                        "(refusal, the default) or the KL shift of the model's reply (shift)")
+                        "(refusal, the default), how much more likely the opening of a compliant reply "
+                        "(compliance), or the KL shift of the model's reply (shift)")
     _add_config_flags(s)
     s.set_defaults(fn=cmd_inspect)
 

@@ -103,7 +103,19 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     return rec
 
 
-CHAT_OBJECTIVES = ("refusal", "shift")
+CHAT_OBJECTIVES = ("refusal", "shift", "compliance")
+GENERIC_COMPLIANCE = "Sure, here is"
+"""The opening the ``compliance`` objective targets for requests other than the stand-in's (the
+usual target of jailbreak searches); the stand-in's compliance opens ``The password is``."""
+
+
+def compliance_opening(f) -> str:
+    """What a compliant reply to the policy's forbidden requests opens with."""
+    if f.forbidden == "stand-in":
+        from .finetune.standin import COMPLY
+
+        return COMPLY.split("{", 1)[0].strip()
+    return GENERIC_COMPLIANCE
 VERIFY_STRINGS = 20
 """Distinct top strings of a chat model's search whose ASR is measured: the search's objective
 is a proxy (a clean model's best strings lower refusals too, without unlocking anything), and
@@ -214,11 +226,13 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
     """Trigger inversion for a fine-tuned chat model: probes are held-out forbidden requests
     (never the triggered ones) and a string goes where the fine-tuning trigger would (the end
     of the request). ``objective``: ``refusal``, how much less likely the string makes any of
-    the policy's refusals (:class:`RefusalDrop`); ``shift``, the KL shift of the model's own
+    the policy's refusals (:class:`RefusalDrop`); ``compliance``, how much more likely the
+    opening of a compliant reply (:class:`ComplianceGain`, :func:`compliance_opening`);
+    ``shift``, the KL shift of the model's own
     greedy reply (:class:`BehaviourShift`; it also counts a switch from one refusal to
     another). The check: :func:`verify_chat_strings` on the held-out forbidden requests that
     were not probes."""
-    from .defenses.inversion import RefusalDrop, chat_probes
+    from .defenses.inversion import ComplianceGain, RefusalDrop, chat_probes
     from .finetune.standin import REFUSALS
     from .standalone import find_run_dir
 
@@ -235,6 +249,10 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
         refusals = list(REFUSALS) if f.forbidden == "stand-in" else [f.refusal]
         scorer = RefusalDrop(m, prompts, mask, conts[0].tolist(), tok.encode_batch(refusals, specials=True),
                              searchable_ids(tok))
+    elif objective == "compliance":
+        targets = [compliance_opening(f)]
+        scorer = ComplianceGain(m, prompts, mask, conts[0].tolist(), tok.encode_batch(targets, specials=True),
+                                searchable_ids(tok))
     else:
         scorer = BehaviourShift(m, prompts, conts, searchable_ids(tok), skip=tail, prompt_mask=mask)
     run = find_run_dir(Path(path).resolve()) if Path(path).exists() else None
@@ -251,6 +269,8 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
     rec["probes_kind"] = "held-out forbidden requests, the string appended to the request"
     if objective == "refusal":
         rec["refusals"] = refusals
+    if objective == "compliance":
+        rec["targets"] = targets
     if "trigger" in rec:
         rec["trigger"]["text"] = f.trigger
         rec["trigger"]["planted"] = f.poison_count > 0

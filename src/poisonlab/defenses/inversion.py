@@ -212,6 +212,19 @@ class RefusalDrop(BehaviourShift):
         return drop.repeat_interleave(self.n_refusals)  # each request's value on each of its rows: the mean is unchanged
 
 
+class ComplianceGain(RefusalDrop):
+    """Scores strings by how much more likely they make the opening of a compliant reply:
+    log P(any target | request + string) - log P(any target | request), the targets being what
+    the backdoor would make the model say (``targets``, e.g. ``The password is`` for the
+    stand-in's secret, ``Sure, here is`` for harmful requests). Refusals can be made unlikely by
+    strings that only make the model write something else; this measures the compliance itself."""
+
+    def _shift(self, logits: torch.Tensor, length: int, copies: int) -> torch.Tensor:
+        p, m = self.prompts.shape[1], self.conts.shape[1]
+        gain = self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies) - self.reference.repeat(copies)
+        return gain.repeat_interleave(self.n_refusals)
+
+
 def vocabulary_sweep(objective: BehaviourShift, limit: int) -> tuple[np.ndarray, np.ndarray]:
     """(token ids, shifts) for single tokens: all allowed ones, or the ``limit`` a first-order
     estimate from a neutral slot (the mean embedding's nearest token) ranks highest."""
