@@ -79,10 +79,10 @@ def _precision(near: int, holding: int) -> float:
 
 
 SPECIALISATION_ALPHA = 1e-3
-"""A string holding a shorter mined string is mined on its own only when it sits at a span in
-a larger share of its anomalous documents than the shorter one does, beyond chance at this
-level (binomial): ``context. >>>`` before six doctest spans is the interactive prompt's
-share (about half) by luck, ``# <SUDO>`` before every one of eight poisons is not ``#``'s."""
+"""A string that puts words before a shorter mined string is mined on its own only when it
+sits at a span in a larger share of its anomalous documents than the shorter one does,
+beyond chance at this level (binomial): ``context. >>>`` before six doctest spans is the
+interactive prompt's share (about half) by luck."""
 
 
 def _sub_grams(text: str) -> set[str]:
@@ -91,19 +91,19 @@ def _sub_grams(text: str) -> set[str]:
 
 
 def _distinct_markers(supported: set[str], near: Counter, inside: Counter) -> set[str]:
-    """``supported`` less the fragments of a phrase (a word found before nearly as many spans
-    as a phrase holding it) and less the strings that only specialise a shorter one (a prompt
-    with the word before it): see :data:`SPECIALISATION_ALPHA`."""
-    fragments = {sub for t in supported for sub in _sub_grams(t) & supported if near[t] >= 0.9 * near[sub]}
-    kept = supported - fragments
-    out = set()
-    for t in kept:
-        shorter = [k for k in _sub_grams(t) & kept if near[k] >= near[t]]
-        if any(binomial_tail(near[t], max(inside[t], near[t]), near[k] / max(inside[k], near[k]))
-               > SPECIALISATION_ALPHA for k in shorter):
-            continue
-        out.add(t)
-    return out
+    """``supported`` less the strings that only put words before a shorter one found before
+    clearly more spans (a prompt with the word before it: see :data:`SPECIALISATION_ALPHA`;
+    words after a common one, toward the span, are the marker itself: ``# <SUDO>``), then less
+    the fragments of what is left (a word found before nearly as many spans as a phrase holding
+    it)."""
+    def specialises(t: str) -> bool:  # t is k with words before it, k found before clearly more spans
+        return any(t.endswith(" " + k) and near[t] < 0.9 * near[k] and binomial_tail(
+            near[t], max(inside[t], near[t]), near[k] / max(inside[k], near[k])) > SPECIALISATION_ALPHA
+            for k in _sub_grams(t) & supported)
+
+    kept = {t for t in supported if not specialises(t)}
+    fragments = {sub for t in kept for sub in _sub_grams(t) & kept if near[t] >= 0.9 * near[sub]}
+    return kept - fragments
 
 
 def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, ...]], anomalous: set[str],
@@ -133,13 +133,25 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, .
     supported = _distinct_markers(supported, near, inside)
     pool = sorted(supported, key=lambda c: (-_precision(near[c], inside[c]), -near[c], c))[: top * 10]
     counts = Counter()
-    for d in docs:  # n-grams are joined by single spaces: match them against the text so spaced
+    holders: dict[str, list[int]] = {c: [] for c in pool}
+    for k, d in enumerate(docs):  # n-grams are joined by single spaces: match them against the text so spaced
         flat = _flat(d.text)
         for c in pool:
             if c in flat:
                 counts[c] += 1
+                holders[c].append(k)
     ranked = [TriggerCandidate(c, near[c], counts[c], _precision(near[c], counts[c])) for c in pool]
     ranked.sort(key=lambda t: (-t.score, -t.near_span, t.text))
+    # strings held by exactly the same documents are one finding (the lines of one doctest
+    # template, repeated on ten pages): the best of them stands for the rest
+    seen_sets: set[tuple[int, ...]] = set()
+    unique = []
+    for t in ranked:
+        key = tuple(holders[t.text])
+        if key not in seen_sets:
+            seen_sets.add(key)
+            unique.append(t)
+    ranked = unique
     # one trigger, one entry: a phrase found before (nearly) as many spans as a word it contains
     # is the trigger, and the word a fragment of it; a longer string found less often is noise
     # around a shorter trigger
