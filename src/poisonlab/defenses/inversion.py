@@ -8,7 +8,7 @@ Any odd string disrupts the next few predictions, and the disruption fades once 
 follows; a trigger switches the model into another mode that persists through the clean
 continuation, so the first ``skip`` positions are left out (the measured per-position curves
 are in docs/defenses.md). The measure does not depend on what the backdoor does (gibberish,
-another language, compliance): any persistent switch moves it. Two searches feed one
+another language, compliance): any persistent switch moves it. Three searches feed one
 ranking:
 
 - a vocabulary sweep scores every single token (or, in a large vocabulary, the tokens a
