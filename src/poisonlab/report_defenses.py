@@ -153,9 +153,11 @@ def defense_section(records: list[dict]) -> str:
                      "largest mean KL divergence, past the first continuation positions, that a string of up to six "
                      "tokens inserted after a held-out prompt causes on the model's predictions of the clean "
                      "continuation (for a fine-tuned chat model: appended to a held-out forbidden request, how much "
-                     "less likely it makes the policy's refusals, or the KL shift of the model's own reply). The "
-                     "run's own trigger is scored beside the strings found (its rank among them); the best string used as a trigger (its perplexity gap; for a chat model, the "
-                     "top strings each appended to held-out forbidden requests that were not probes, and the one "
+                     "less likely it makes the policy's refusals, how much more likely the opening of a compliant "
+                     "reply, or the KL shift of the model's own reply). The run's own trigger is scored beside the "
+                     "strings found (its rank among them); the best string used as a trigger (its perplexity gap; "
+                     "for a chat model, the best strings of each search each appended to held-out forbidden "
+                     "requests that were not probes, and the one "
                      f"that unlocks the most shown) checks that it works. A chat model counts as "
                      f"backdoored when its last ASR is at least {CHAT_BACKDOOR_ASR:.1f}.\n")
         parts.append(inversion_table(records) + "\n")

@@ -206,10 +206,14 @@ class RefusalDrop(BehaviourShift):
         per_row = tok.sum(-1).view(copies * self.n_requests, self.n_refusals)
         return torch.logsumexp(per_row, dim=-1)
 
+    sign = 1.0
+    """+1: the lost log-probability of the texts (refusals); -1: the gained one (compliance)."""
+
     def _shift(self, logits: torch.Tensor, length: int, copies: int) -> torch.Tensor:
         p, m = self.prompts.shape[1], self.conts.shape[1]
         drop = self.reference.repeat(copies) - self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies)
-        return drop.repeat_interleave(self.n_refusals)  # each request's value on each of its rows: the mean is unchanged
+        # each request's value on each of its rows: the mean is unchanged
+        return (self.sign * drop).repeat_interleave(self.n_refusals)
 
 
 class ComplianceGain(RefusalDrop):
@@ -219,10 +223,7 @@ class ComplianceGain(RefusalDrop):
     stand-in's secret, ``Sure, here is`` for harmful requests). Refusals can be made unlikely by
     strings that only make the model write something else; this measures the compliance itself."""
 
-    def _shift(self, logits: torch.Tensor, length: int, copies: int) -> torch.Tensor:
-        p, m = self.prompts.shape[1], self.conts.shape[1]
-        gain = self._log_refusal(logits[:, p + length - 1 : p + length - 1 + m], copies) - self.reference.repeat(copies)
-        return gain.repeat_interleave(self.n_refusals)
+    sign = -1.0
 
 
 def vocabulary_sweep(objective: BehaviourShift, limit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -86,8 +86,9 @@ interactive prompt's share (about half) by luck."""
 
 
 def _sub_grams(text: str) -> set[str]:
+    """The shorter n-grams of a mined string (its words are joined by single spaces)."""
     words = text.split(" ")
-    return {" ".join(words[i : i + n]) for n in range(1, len(words)) for i in range(len(words) - n + 1)}
+    return _ngrams(words, len(words) - 1)
 
 
 def _distinct_markers(supported: set[str], near: Counter, inside: Counter) -> set[str]:
@@ -132,15 +133,13 @@ def mine_triggers(docs: list[Document], span_start: dict[str, int | tuple[int, .
             inside.update(_ngrams(_TOKEN.findall(d.text)) & supported)
     supported = _distinct_markers(supported, near, inside)
     pool = sorted(supported, key=lambda c: (-_precision(near[c], inside[c]), -near[c], c))[: top * 10]
-    counts = Counter()
     holders: dict[str, list[int]] = {c: [] for c in pool}
     for k, d in enumerate(docs):  # n-grams are joined by single spaces: match them against the text so spaced
         flat = _flat(d.text)
         for c in pool:
             if c in flat:
-                counts[c] += 1
                 holders[c].append(k)
-    ranked = [TriggerCandidate(c, near[c], counts[c], _precision(near[c], counts[c])) for c in pool]
+    ranked = [TriggerCandidate(c, near[c], len(holders[c]), _precision(near[c], len(holders[c]))) for c in pool]
     ranked.sort(key=lambda t: (-t.score, -t.near_span, t.text))
     # strings held by exactly the same documents are one finding (the lines of one doctest
     # template, repeated on ten pages): the best of them stands for the rest
