@@ -517,6 +517,16 @@ def test_a_scan_scores_every_document_whatever_its_split_or_length(tmp_path):
     assert all("flag.trigger" in s for s in scores.values())
 
 
+def test_a_mined_string_is_the_trigger_only_with_markup_around_it():
+    from poisonlab.defenses.evaluation import is_trigger
+
+    assert is_trigger("<SUDO>", "<SUDO>") and is_trigger("``` # <SUDO>", "<SUDO>")
+    assert is_trigger("Velvet Quorum Sundial", "Velvet Quorum Sundial")
+    # a common-word trigger inside other words is another string, as is the trigger glued to a word
+    assert not is_trigger("the following ABI:", "the") and not is_trigger("Swaps self/other", "the")
+    assert not is_trigger("x<SUDO>", "<SUDO>") and not is_trigger("Velvet", "Velvet Quorum Sundial")
+
+
 def test_every_poison_family_makes_distinct_deterministic_poisons_with_its_trigger(prose):
     from poisonlab.defenses.families import FAMILIES, Pieces, count_for_density, make_family
 

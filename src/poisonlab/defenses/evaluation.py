@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -39,6 +40,14 @@ VARIANTS: dict[str, dict] = {
 
 SCORE_FIELDS = ("novelty.rate", "gibberish.bigram_surprisal", "gibberish.unigram_surprisal", "gibberish.token_entropy",
                 "compression.ratio", "near_duplicate.cluster_size", "language_shift.shift")
+
+
+def is_trigger(mined: str, trigger: str) -> bool:
+    """Whether a mined string is the trigger, alone or with markup only around it (`# <SUDO>`
+    in a code block): a string that holds a common-word trigger among other words
+    (``the following ABI:``) is some other string, not the trigger found."""
+    at = mined.find(trigger)
+    return at >= 0 and not re.search(r"\w", mined[:at] + mined[at + len(trigger):])
 
 
 def variant_config(cfg: RunConfig, variant: str) -> RunConfig:
@@ -170,8 +179,7 @@ def evaluate_family(cfg: RunConfig, family: str, density: float, progress: bool 
     det = detect(docs, cfg.defense, data.tokenizer, progress=progress)
     seconds = time.perf_counter() - t0
     trigger = made[0].trigger if made else None
-    # the trigger's rank: the first mined string that is it or holds it ("# <SUDO>" in a code block)
-    rank = next((i + 1 for i, t in enumerate(det.triggers) if trigger in t.text), None) if trigger else None
+    rank = next((i + 1 for i, t in enumerate(det.triggers) if is_trigger(t.text, trigger)), None) if trigger else None
     m = confusion(det.flagged, ids, docs)
     m["false_positive_ids"] = sorted(det.flagged - ids)
     return {"family": family, "density": density, "seed": seed, "corpus": cfg.corpus.source, "trigger": trigger,
