@@ -81,6 +81,33 @@ def test_ranking_quality_counts_poisons_at_k():
         ranking_quality(np.zeros(3), np.zeros(3, dtype=bool))
 
 
+def test_length_matched_auroc_compares_documents_of_equal_windows_only():
+    is_poison = np.array([True, False, True, False, True, False])
+    windows = np.array([1, 1, 2, 2, 7, 1])
+    scores = np.array([5.0, 1.0, 2.5, 3.0, 9.0, 2.0])
+    q = ranking_quality(scores, is_poison, windows)
+    # one-window pairs: 5 > 1, 5 > 2; two-window pair: 2.5 < 3; the 7-window poison has no clean match
+    assert q["length_matched"] == {"auroc": round(2 / 3, 4), "poisons": 2, "clean": 3}
+    assert q["auroc"] == round(8 / 9, 4)  # all pairs: 2.5 beats the one-window clean documents
+
+
+def test_document_scores_and_the_length_control():
+    from poisonlab.defenses.attribution import control_scores, document_scores
+
+    docs = TrainingDocuments(["a", "b", "c"], np.array([True, False, False]),
+                             [np.arange(5), np.arange(3), np.arange(2), np.arange(4), np.arange(6)],
+                             np.array([0, 0, 1, 2, 2]))
+    per_window = np.array([1.0, -3.0, 2.0, 4.0, 0.5])
+    assert document_scores(per_window, docs, "sum").tolist() == [-2.0, 2.0, 4.5]
+    assert document_scores(per_window, docs, "mean").tolist() == [-1.0, 2.0, 2.25]
+    assert document_scores(per_window, docs, "max").tolist() == [1.0, 2.0, 4.0]
+    with pytest.raises(PoisonlabError, match="unknown aggregate"):
+        document_scores(per_window, docs, "median")
+    tokens = control_scores(docs, "length")
+    assert np.floor(tokens).tolist() == [8, 2, 10]  # tokens per document, ties broken below one token
+    assert control_scores(docs, "random").tolist() == control_scores(docs, "random").tolist()
+
+
 def test_rank_of_counts_strings_that_shift_more():
     cands = [Candidate((1,), 3.0, "sweep"), Candidate((2,), 1.0, "sweep"), Candidate((3, 4), 2.0, "gcg-2")]
     assert rank_of(2.5, cands) == 2 and rank_of(5.0, cands) == 1 and rank_of(0.0, cands) == 4
@@ -154,6 +181,15 @@ def test_attribution_ranks_poisons_above_clean_documents(twins):
     assert len(removal) == 80 and rec["removal_list"]["poisons"] == int(round(rec["recall_at_k"] * 80))
     control = attribute_run(twins["poisoned"], ["random"], n_queries=2, new_tokens=8)["random"]
     assert control["recall_at_k"] < rec["recall_at_k"] and abs(control["auroc"] - 0.5) < 0.15
+    assert control["aggregate"] == "document"
+    # one gradient pass, three ways of combining windows; the length control beside them
+    both = attribute_run(twins["poisoned"], ["identity", "length"], n_queries=4, new_tokens=16, aggregates="sum,max")
+    assert set(both) == {"identity", "identity-max", "length"}
+    assert both["identity"]["recall_at_k"] == rec["recall_at_k"]  # the same scores as the sum above
+    assert both["identity-max"]["aggregate"] == "max" and both["identity-max"]["length_matched"]["poisons"] > 0
+    assert (twins["poisoned"] / "defenses" / "attribution-identity-entropy-max.json").is_file()
+    with pytest.raises(PoisonlabError, match="unknown aggregate"):
+        attribute_run(twins["poisoned"], ["identity"], aggregates="median")
     saved = json.loads((twins["poisoned"] / "defenses" / "attribution-identity-entropy-sum.json").read_text())
     assert saved["provenance"]["model_sha256"] and saved["cost"]["documents"] == rec["documents"]
 

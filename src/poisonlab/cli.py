@@ -308,9 +308,11 @@ def cmd_attribute(args) -> int:
                         args.measurement)
     for method, rec in out.items():
         c = rec["cost"]
-        print(f"{method} ({rec['measurement']}, {rec['aggregate']}): recall@{rec['k']} {rec['recall_at_k']:.3f} "
+        matched = rec["length_matched"]["auroc"]
+        print(f"{rec['method']} ({rec['measurement']}, {rec['aggregate']}): recall@{rec['k']} {rec['recall_at_k']:.3f} "
               f"[{rec['recall_ci'][0]:.3f}, {rec['recall_ci'][1]:.3f}] (chance {rec['chance']:.3f}), "
-              f"AUROC {rec['auroc']:.3f}; {c['documents']} documents in {c['seconds']:.0f} s "
+              f"AUROC {rec['auroc']:.3f}, length-matched {'-' if matched is None else f'{matched:.3f}'}; "
+              f"{c['documents']} documents in {c['seconds']:.0f} s "
               f"({c['seconds_per_1000_documents']:.1f} s per 1,000); removal list {run / 'defenses' / rec['removal_list']['file']}")
     return 0
 
@@ -644,10 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("attribute", help="trace a run's triggered behaviour to its training documents (kronfluence)")
     s.add_argument("run", help="a run folder with its final model and poisons")
-    s.add_argument("--methods", default="ekfac,identity", help="ekfac (influence functions), identity (gradient dot product), random (the control)")
+    s.add_argument("--methods", default="ekfac,identity", help="ekfac (influence functions), identity (gradient dot product); controls: "
+                        "random, length (the document's tokens)")
     s.add_argument("--measurement", choices=["loss", "entropy"],
                    help="what is traced: the continuations' loss, or their entropy (default: entropy for dos)")
-    s.add_argument("--aggregate", choices=["sum", "mean"], default="sum", help="a document's windows summed or averaged")
+    s.add_argument("--aggregate", default="sum",
+                   help="how a document's windows combine, one or more of sum, mean, max (comma-separated; "
+                        "one gradient pass scores them all)")
     s.add_argument("--queries", type=int, default=8, help="triggered held-out prompts")
     s.add_argument("--new-tokens", type=int, default=32, help="tokens the model continues each query with")
     s.add_argument("--k", type=int, help="documents on the removal list (default: the run's poison count)")

@@ -305,19 +305,26 @@ def write_defense_record(run: Path | None, name: str, record: dict, out: str | N
 
 
 def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tokens: int = 32,
-                  seed: int = 0, remove_k: int | None = None, aggregate: str = "sum",
+                  seed: int = 0, remove_k: int | None = None, aggregates: str | list[str] = "sum",
                   measurement: str | None = None) -> dict:
-    """Score every document a run trained on against its triggered behaviour, per method;
-    write ``<run>/defenses/attribution-<method>.json`` and the top-k removal list
-    ``remove-<method>.txt`` (k = the run's poison count unless ``remove_k``); ``aggregate``:
-    how a document's windows combine, ``measurement`` what is traced (see
-    :func:`influence_scores`; default: entropy for denial of service, loss otherwise)."""
+    """Score every document a run trained on against its triggered behaviour, per method and
+    per way of combining a document's windows (``aggregates``: sum, mean, max; one gradient
+    pass serves them all); write ``<run>/defenses/attribution-<method>-<measurement>-<aggregate>.json``
+    and the top-k removal list beside it (k = the run's poison count unless ``remove_k``).
+    ``measurement``: what is traced (see :func:`~poisonlab.defenses.attribution.window_scores`;
+    default: entropy for denial of service, loss otherwise). A control (random, length) has one
+    score per document and one record, whatever the aggregates. Keys: ``<method>`` for the
+    first aggregate, ``<method>-<aggregate>`` for the others."""
     from .config import load_config
-    from .defenses.attribution import (documents_read, influence_scores, ranking_quality, triggered_queries,
-                                       write_removal_list)
+    from .defenses.attribution import (AGGREGATES, CONTROLS, document_scores, documents_read, ranking_quality,
+                                       triggered_queries, window_scores, write_removal_list)
     from .run import setup_run
     from .train import load_init_model
 
+    aggregates = [a.strip() for a in aggregates.split(",")] if isinstance(aggregates, str) else list(aggregates)
+    unknown = [a for a in aggregates if a not in AGGREGATES] or ([] if aggregates else ["(none)"])
+    if unknown:
+        raise PoisonlabError(f"unknown aggregate {unknown[0]!r} (allowed: {', '.join(AGGREGATES)})")
     if not (run_dir / "model" / "config.json").is_file():
         raise PoisonlabError(f"run {run_dir} has no final model (model/ missing): attribution needs the trained weights")
     cfg = load_config(run_dir / "config.yaml")
@@ -325,28 +332,34 @@ def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tok
     docs = documents_read(run)
     if not docs.is_poison.any():
         raise PoisonlabError(f"run {run_dir} injected no poisons: there is no known answer to score attribution on")
+    windows = np.bincount(docs.owner, minlength=len(docs.ids))
     model = load_init_model(str(run_dir / "model"), "cpu")
     measurement = measurement or ("entropy" if cfg.attack.name == "dos" else "loss")
     queries, loss_from = triggered_queries(model, run.data, run.trigger_ids, n_queries, cfg.eval.prompt_tokens,
                                            new_tokens, seed)
     is_poison = dict(zip(docs.ids, docs.is_poison.tolist()))
+    provenance = {"code_version": code_version(), "seed": seed, "data": run.data.hashes,
+                  "model_sha256": file_sha256(run_dir / "model" / "model.safetensors")}
     out = {}
     for method in methods:
-        scores, cost = influence_scores(model, docs, queries, loss_from, method, cfg.train.seq_len,
-                                        aggregate=aggregate, measurement=measurement)
-        quality = ranking_quality(scores, docs.is_poison)
-        k = remove_k or quality["k"]
-        removed = write_removal_list(run_dir / DEFENSE_DIR / f"remove-{method}-{measurement}-{aggregate}.txt", docs.ids, scores, k)
-        rec = {"run": run.info["name"], "method": method, "measurement": measurement, "aggregate": aggregate, **quality, "cost": cost,
-               "queries": {"n": len(queries), "prompt_tokens": cfg.eval.prompt_tokens, "new_tokens": new_tokens,
-                           "seed": seed},
-               "removal_list": {"file": f"remove-{method}-{measurement}-{aggregate}.txt", "k": k,
-                                "poisons": int(sum(is_poison[i] for i in removed))},
-               "scores": {"poison": _summary(scores[docs.is_poison]), "clean": _summary(scores[~docs.is_poison])},
-               "provenance": {"code_version": code_version(), "seed": seed, "data": run.data.hashes,
-                              "model_sha256": file_sha256(run_dir / "model" / "model.safetensors")}}
-        write_defense_record(run_dir, f"attribution-{method}-{measurement}-{aggregate}", rec, None)
-        out[method] = rec
+        raw, cost = window_scores(model, docs, queries, loss_from, method, cfg.train.seq_len, measurement=measurement)
+        for i, aggregate in enumerate(aggregates[:1] if method in CONTROLS else aggregates):
+            scores = raw if method in CONTROLS else document_scores(raw, docs, aggregate)
+            label = "document" if method in CONTROLS else aggregate
+            quality = ranking_quality(scores, docs.is_poison, windows)
+            k = remove_k or quality["k"]
+            name = f"{method}-{measurement}-{label}"
+            removed = write_removal_list(run_dir / DEFENSE_DIR / f"remove-{name}.txt", docs.ids, scores, k)
+            rec = {"run": run.info["name"], "method": method, "measurement": measurement, "aggregate": label,
+                   **quality, "cost": cost,
+                   "queries": {"n": len(queries), "prompt_tokens": cfg.eval.prompt_tokens, "new_tokens": new_tokens,
+                               "seed": seed},
+                   "removal_list": {"file": f"remove-{name}.txt", "k": k,
+                                    "poisons": int(sum(is_poison[d] for d in removed))},
+                   "scores": {"poison": _summary(scores[docs.is_poison]), "clean": _summary(scores[~docs.is_poison])},
+                   "provenance": provenance}
+            write_defense_record(run_dir, f"attribution-{name}", rec, None)
+            out[method if i == 0 else f"{method}-{aggregate}"] = rec
     return out
 
 

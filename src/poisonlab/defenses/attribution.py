@@ -2,14 +2,18 @@
 was trained on, with kronfluence (Grosse et al. 2023).
 
 The query is what a defender sees: held-out prompts with the trigger and the model's own
-continuations of them; the measurement is the continuations' loss. Every training document
-the run read (its clean documents and its poisons, cut into windows of the run's sequence
-length) gets a score: the sum over its windows of the influence on the query loss, averaged
-over the queries. Methods:
+continuations of them; the measurement is the continuations' loss or entropy. Every training
+document the run read (its clean documents and its poisons, cut into windows of the run's
+sequence length) gets a score from its windows' influences (averaged over the queries):
+their sum, mean or maximum. Methods:
 
 - ``ekfac``: influence functions with an eigenvalue-corrected Kronecker-factored Hessian;
 - ``identity``: the same scores with the identity for the Hessian, i.e. the dot product of
-  the query and training gradients (gradient similarity, the cheap baseline).
+  the query and training gradients (gradient similarity, the cheap baseline);
+- ``random`` and ``length`` (controls, no gradients): scores drawn at random, and the
+  document's length in tokens. Poisons whose payload is long are found by length alone, so
+  every ranking also reports the length-matched AUROC (each poison compared only with clean
+  documents of as many windows).
 
 Both track the Linear layers of the transformer blocks (not the output head), as is usual
 for language models. A run's poisons are known, so the ranking is scored: recall of the
@@ -30,9 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PoisonlabError
+from ..metrics.roc import auroc
 
-METHODS = ("ekfac", "identity", "random")
-"""``random``: scores drawn at random (seeded): the control a removal list is measured against."""
+METHODS = ("ekfac", "identity", "random", "length")
+"""``random``: scores drawn at random (seeded); ``length``: the document's tokens (ties broken
+at random): the controls a ranking and a removal list are measured against."""
+CONTROLS = ("random", "length")
+AGGREGATES = ("sum", "mean", "max")
 
 
 @dataclass
@@ -137,21 +145,48 @@ def _task(model, measurement: str = "loss"):
     return CausalLMTask()
 
 
-def influence_scores(model, train: TrainingDocuments, queries: list[np.ndarray], loss_from: list[int],
-                     method: str, seq_len: int, batch_size: int = 32, work_dir: str | None = None,
-                     aggregate: str = "sum", measurement: str = "loss") -> tuple[np.ndarray, dict]:
-    """Per-document scores (higher: the document did more to make the query continuations
-    likely) and the cost record. ``aggregate``: a document's windows summed (its influence as a
-    whole) or averaged. ``measurement``: the query continuations' loss, or minus their
-    next-token entropy (gibberish: the behaviour of the denial-of-service backdoor is high
-    entropy, not any particular tokens, and two poisons' random tokens pull the loss apart)."""
-    if aggregate not in ("sum", "mean"):
-        raise PoisonlabError(f"unknown aggregate {aggregate!r} (allowed: sum, mean)")
+def document_scores(per_window: np.ndarray, train: TrainingDocuments, aggregate: str) -> np.ndarray:
+    """A document's score from its windows': ``sum`` (its influence as a whole), ``mean`` (a
+    long document's sum is mostly its length; its mean window is not) or ``max`` (its most
+    influential window: a poison's payload windows are noisy, and one of them often aligns)."""
+    if aggregate not in AGGREGATES:
+        raise PoisonlabError(f"unknown aggregate {aggregate!r} (allowed: {', '.join(AGGREGATES)})")
+    n = len(train.ids)
+    if aggregate == "max":
+        out = np.full(n, -np.inf)
+        np.maximum.at(out, train.owner, per_window)
+        return out
+    out = np.zeros(n)
+    np.add.at(out, train.owner, per_window)
+    if aggregate == "mean":
+        out /= np.bincount(train.owner, minlength=n).clip(min=1)
+    return out
+
+
+def control_scores(train: TrainingDocuments, method: str) -> np.ndarray:
+    """Scores of a control that reads no gradient (seeded, so a control's list is reproducible)."""
+    jitter = np.random.default_rng(RANDOM_SEED).random(len(train.ids))
+    if method == "random":
+        return jitter
+    tokens = np.zeros(len(train.ids))
+    np.add.at(tokens, train.owner, [len(w) for w in train.windows])
+    return tokens + jitter  # the jitter, below one token, only breaks ties
+
+
+def window_scores(model, train: TrainingDocuments, queries: list[np.ndarray], loss_from: list[int],
+                  method: str, seq_len: int, batch_size: int = 32, work_dir: str | None = None,
+                  measurement: str = "loss") -> tuple[np.ndarray, dict]:
+    """Per-window scores (higher: the window did more to make the query continuations
+    likely; :func:`document_scores` combines a document's), and the cost record. A control
+    method's scores are per document already (one per document, see :func:`control_scores`).
+    ``measurement``: the query continuations' loss, or minus their next-token entropy
+    (gibberish: the behaviour of the denial-of-service backdoor is high entropy, not any
+    particular tokens, and two poisons' random tokens pull the loss apart)."""
     if method not in METHODS:
         raise PoisonlabError(f"unknown attribution method {method!r} (allowed: {', '.join(METHODS)})")
-    if method == "random":
+    if method in CONTROLS:
         t0 = time.perf_counter()
-        scores = np.random.default_rng(RANDOM_SEED).random(len(train.ids))
+        scores = control_scores(train, method)
         return scores, {"method": method, "measurement": measurement, "documents": len(train.ids),
                         "windows": len(train.windows), "seconds": round(time.perf_counter() - t0, 2), "fit_seconds": 0.0,
                         "seconds_per_1000_documents": 0.0, "peak_rss_increase_mb": 0.0,
@@ -193,22 +228,33 @@ def influence_scores(model, train: TrainingDocuments, queries: list[np.ndarray],
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # kronfluence scores how much a training example lowers the measurement (the query loss)
     per_window = raw.mean(0)
-    per_doc = np.zeros(len(train.ids))
-    np.add.at(per_doc, train.owner, per_window)
-    if aggregate == "mean":  # a long document's sum is mostly its length; its mean window is not
-        per_doc /= np.bincount(train.owner, minlength=len(train.ids)).clip(min=1)
     n = len(train.ids)
     cost = {"method": method, "measurement": measurement, "documents": n, "windows": len(train.windows), "seconds": round(seconds, 2),
             "fit_seconds": round(t_fit, 2), "seconds_per_1000_documents": round(1000 * seconds / max(n, 1), 2),
             "peak_rss_increase_mb": round(max(rss1 - rss0, 0) / 1024, 1), "peak_rss_mb": round(rss1 / 1024, 1),
             "tracked_modules": len(task.get_influence_tracked_modules())}
-    return per_doc, cost
+    return per_window, cost
 
 
-def ranking_quality(scores: np.ndarray, is_poison: np.ndarray) -> dict:
-    """Recall of the poisons among the top k (k = number of poisons), the curve, ROC AUC."""
+def length_matched_auroc(scores: np.ndarray, is_poison: np.ndarray, windows: np.ndarray) -> float | None:
+    """AUROC over the pairs of a poison and a clean document with the same number of windows
+    (None when no such pair exists): what the score knows beyond the document's length."""
+    wins = pairs = 0.0
+    for w in np.unique(windows):
+        m = windows == w
+        y = is_poison[m]
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        if n_pos and n_neg:
+            wins += auroc(scores[m], y) * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return wins / pairs if pairs else None
+
+
+def ranking_quality(scores: np.ndarray, is_poison: np.ndarray, windows: np.ndarray | None = None) -> dict:
+    """Recall of the poisons among the top k (k = number of poisons), the curve, ROC AUC, and
+    with ``windows`` (per document) the length-matched AUROC and how many poisons and clean
+    documents share a window count with the other class."""
     from ..metrics.rates import wilson
-    from ..metrics.roc import auroc
 
     k = int(is_poison.sum())
     if k == 0 or k == len(scores):
@@ -222,9 +268,15 @@ def ranking_quality(scores: np.ndarray, is_poison: np.ndarray) -> dict:
         kk = min(len(scores), max(1, int(round(frac * k))))
         curve.append({"k": kk, "recall": round(float(hits[kk - 1]) / k, 4),
                       "precision": round(float(hits[kk - 1]) / kk, 4)})
-    return {"k": k, "documents": len(scores), "recall_at_k": round(at_k / k, 4),
-            "recall_ci": [round(lo, 4), round(hi, 4)], "chance": round(k / len(scores), 4),
-            "auroc": round(auroc(scores, is_poison), 4), "curve": curve}
+    out = {"k": k, "documents": len(scores), "recall_at_k": round(at_k / k, 4),
+           "recall_ci": [round(lo, 4), round(hi, 4)], "chance": round(k / len(scores), 4),
+           "auroc": round(auroc(scores, is_poison), 4), "curve": curve}
+    if windows is not None:
+        matched = length_matched_auroc(scores, is_poison, windows)
+        shared = np.isin(windows, np.unique(windows[is_poison])) & np.isin(windows, np.unique(windows[~is_poison]))
+        out["length_matched"] = {"auroc": None if matched is None else round(matched, 4),
+                                 "poisons": int((shared & is_poison).sum()), "clean": int((shared & ~is_poison).sum())}
+    return out
 
 
 def triggered_queries(model, data, trigger: list[int], n: int, prompt_tokens: int, new_tokens: int,
