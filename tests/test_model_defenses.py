@@ -317,6 +317,9 @@ def test_report_section_shows_inversion_auroc_attribution_and_removal(twins, tmp
     assert "| poisoned | 80 |" in text and "| clean | 0 |" in text
     assert "AUROC of the search's score 1.000 over 1 backdoored models" in text  # the poisoned model scores above its twin
     assert "| poisoned | identity | entropy (sum) |" in text
+    rec = next(a for a in recs[0]["attribution"] if a["method"] == "identity" and a["aggregate"] == "sum")
+    m = rec["length_matched"]
+    assert "AUROC, same length" in text and f"{m['auroc']:.3f} ({m['poisons']:,} poisons)" in text
     assert fig_inversion_roc(recs, tmp_path, _fig).is_file() and fig_attribution_recall(recs, tmp_path, _fig).is_file()
 
 

@@ -115,7 +115,7 @@ def inversion_table(records: list[dict]) -> str:
 
 def attribution_table(records: list[dict]) -> str:
     head = ["run", "method", "traces", "documents", "poisons (k)", "recall@k [95% CI]", "chance", "AUROC",
-            "s per 1,000 documents", "peak RSS MB"]
+            "AUROC, same length", "s per 1,000 documents", "peak RSS MB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         for a in r["attribution"]:
@@ -123,8 +123,17 @@ def attribution_table(records: list[dict]) -> str:
             lines.append("| " + " | ".join([
                 r["name"], a["method"], f"{a['measurement']} ({a['aggregate']})", f"{a['documents']:,}", f"{a['k']:,}",
                 f"{a['recall_at_k']:.3f} [{a['recall_ci'][0]:.3f}, {a['recall_ci'][1]:.3f}]", f"{a['chance']:.3f}",
-                f"{a['auroc']:.3f}", f"{c['seconds_per_1000_documents']:.1f}", f"{c['peak_rss_mb']:.0f}"]) + " |")
+                f"{a['auroc']:.3f}", _matched(a), f"{c['seconds_per_1000_documents']:.1f}",
+                f"{c['peak_rss_mb']:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def _matched(a: dict) -> str:
+    """The length-matched AUROC and how many poisons it compares (records before it: "-")."""
+    m = a.get("length_matched")
+    if not m or m["auroc"] is None:
+        return "-"
+    return f"{m['auroc']:.3f} ({m['poisons']:,} poisons)"
 
 
 def removal_table(records: list[dict]) -> str:
