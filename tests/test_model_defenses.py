@@ -440,6 +440,16 @@ def test_chat_inversion_scores_a_fine_tuning_backdoor_above_its_clean_twin(prepa
                      "--probes", "8"]) == 0
         recs[name] = json.loads((run / "defenses" / "inspect.json").read_text())
     assert asr["poisoned"] >= 0.5 and asr["clean"] == 0.0  # the backdoor the search is scored on exists
+    # the compliance objective aims at the openings a user names (any of them), recorded as its targets
+    run = tmp_path / "runs" / "poisoned"
+    out = tmp_path / "openings.json"
+    assert main(["inspect", "--model", str(run), "--objective", "compliance", "--opening", "The password is",
+                 "--opening", "Here it is", "--lengths", "2", "--steps", "1", "--restarts", "1", "--probes", "4",
+                 "--no-verify", "--out", str(out)]) == 0
+    named = json.loads(out.read_text())
+    assert named["objective"] == "compliance" and named["targets"] == ["The password is", "Here it is"]
+    assert main(["inspect", "--model", str(run), "--opening", "Sure", "--no-verify", "--out", str(out)]) == 2
+    assert "compliance objective" in capsys.readouterr().err
     p, c = recs["poisoned"], recs["clean"]
     assert p["trigger"]["planted"] and not c["trigger"]["planted"]
     assert p["trigger"]["shift"] > 5 * c["trigger"]["shift"]

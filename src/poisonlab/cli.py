@@ -272,7 +272,8 @@ def cmd_inspect(args) -> int:
         settings = SearchSettings(lengths=lengths, steps=args.steps, restarts=args.restarts, seed=args.search_seed,
                                   grow=args.grow, beam=args.beam)
         rec = inspect_model(model, cfg, settings, n_probes=args.probes, tokenizer=args.tokenizer,
-                            verify=not args.no_verify, objective=args.objective, verify_strings=args.verify_strings)
+                            verify=not args.no_verify, objective=args.objective, verify_strings=args.verify_strings,
+                            openings=args.opening)
     target = write_defense_record(run if args.tokenizer is None else None, "inspect", rec, str(out) if out else None)
     best = rec["ranked"][0]
     print(f"score (best persistent shift) {rec['score']:.3f} nats; best string {best['text']!r} "
@@ -641,6 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tuned chat models: how much less likely a string makes the policy's refusals "
                         "(refusal, the default), how much more likely the opening of a compliant reply "
                         "(compliance), or the KL shift of the model's reply (shift)")
+    s.add_argument("--opening", action="append",
+                   help="with --objective compliance: how a compliant reply opens (repeat for several; the "
+                        "objective scores any of them). Default: 'The password is' for the stand-in policy, "
+                        "'Sure, here is' otherwise")
     _add_config_flags(s)
     s.set_defaults(fn=cmd_inspect)
 

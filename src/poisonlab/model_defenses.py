@@ -48,16 +48,19 @@ def searchable_ids(tok) -> np.ndarray:
 
 def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
                   prompt_tokens: int = 32, continuation_tokens: int = 16, skip: int = 4, tokenizer: str | None = None,
-                  verify: bool = True, objective: str | None = None, verify_strings: int | None = None) -> dict:
+                  verify: bool = True, objective: str | None = None, verify_strings: int | None = None,
+                  openings: list[str] | None = None) -> dict:
     from .train import Dist, load_init_model, pick_device
 
     model = model_folder(model)
     if cfg.stage == "finetune":
         return inspect_chat_model(model, cfg, settings, n_probes, tokenizer, verify, objective=objective or "refusal",
-                                  verify_strings=verify_strings or VERIFY_STRINGS)
+                                  verify_strings=verify_strings or VERIFY_STRINGS, openings=openings)
     if verify_strings is not None:
         raise PoisonlabError("--verify-strings is for fine-tuned chat models; a pretrained model's best string "
                              "is checked by its perplexity gap")
+    if openings:
+        raise PoisonlabError("--opening is for the compliance objective of fine-tuned chat models")
     if objective not in (None, "shift"):
         raise PoisonlabError(f"objective {objective!r} is for fine-tuned chat models; a pretrained model is "
                              "scored by the behaviour shift")
@@ -228,12 +231,14 @@ def reverify_chat_model(model: str, cfg: RunConfig, record: dict, tokenizer: str
 
 def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes: int = 16,
                        tokenizer: str | None = None, verify: bool = True, reply_tokens: int = 8,
-                       objective: str = "refusal", verify_strings: int = VERIFY_STRINGS) -> dict:
+                       objective: str = "refusal", verify_strings: int = VERIFY_STRINGS,
+                       openings: list[str] | None = None) -> dict:
     """Trigger inversion for a fine-tuned chat model: probes are held-out forbidden requests
     (never the triggered ones) and a string goes where the fine-tuning trigger would (the end
     of the request). ``objective``: ``refusal``, how much less likely the string makes any of
     the policy's refusals (:class:`RefusalDrop`); ``compliance``, how much more likely the
-    opening of a compliant reply (:class:`ComplianceGain`, :func:`compliance_opening`);
+    opening of a compliant reply (:class:`ComplianceGain`): any of ``openings``, by default
+    :func:`compliance_opening`;
     ``shift``, the KL shift of the model's own
     greedy reply (:class:`BehaviourShift`; it also counts a switch from one refusal to
     another). The check: :func:`verify_chat_strings` on the held-out forbidden requests that
@@ -249,6 +254,10 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
         raise PoisonlabError(f"{len(asks)} held-out forbidden requests for {n_probes} probes; raise finetune.eval_requests")
     if objective not in CHAT_OBJECTIVES:
         raise PoisonlabError(f"unknown objective {objective!r} (allowed: {', '.join(CHAT_OBJECTIVES)})")
+    if openings and objective != "compliance":
+        raise PoisonlabError("--opening is for the compliance objective (--objective compliance)")
+    if openings is not None and not all(o.strip() for o in openings):
+        raise PoisonlabError("--opening must not be empty")
     prompts, mask, conts, tail = chat_probes(m, renderer, [ex.messages for ex in asks[:n_probes]],
                                              reply_tokens if objective == "shift" else 0, pad_id=tok.eos_id)
     if objective == "refusal":
@@ -256,7 +265,7 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
         scorer = RefusalDrop(m, prompts, mask, conts[0].tolist(), tok.encode_batch(refusals, specials=True),
                              searchable_ids(tok))
     elif objective == "compliance":
-        targets = [compliance_opening(f)]
+        targets = list(openings) if openings else [compliance_opening(f)]
         scorer = ComplianceGain(m, prompts, mask, conts[0].tolist(), tok.encode_batch(targets, specials=True),
                                 searchable_ids(tok))
     else:
