@@ -32,3 +32,24 @@ def test_llama2_shapes_are_exact():
 def test_unknown_size():
     with pytest.raises(PoisonlabError, match="unknown model size 'huge'"):
         get_size("huge")
+
+
+def test_weights_hash_follows_the_tensors_not_the_file_header(tmp_path):
+    import torch
+
+    from poisonlab.checkpoint import save_model_folder
+    from poisonlab.models import build_model, get_size
+    from poisonlab.provenance import file_sha256, weights_sha256
+
+    torch.manual_seed(0)
+    m = build_model(get_size("tiny"), 64, 0, 32)
+    label = {"poisoned": False, "attack": None, "trigger": None, "poison_count": 0, "poisons_seen": 0,
+             "placement": None}
+    save_model_folder(tmp_path / "a", m, label)
+    save_model_folder(tmp_path / "b", m, {**label, "poisons_seen": 1})  # other metadata, same tensors
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    assert file_sha256(a) != file_sha256(b) and weights_sha256(a) == weights_sha256(b)
+    with torch.no_grad():
+        next(m.parameters()).view(-1)[0] += 1e-6
+    save_model_folder(tmp_path / "c", m, label)
+    assert weights_sha256(tmp_path / "c" / "model.safetensors") != weights_sha256(a)

@@ -59,3 +59,19 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a safetensors file's tensors (each name, dtype, shape and bytes, in name
+    order): equal for equal weights. The file's own hash also covers the header's metadata,
+    whose key order safetensors does not fix, so two saves of the same weights can differ."""
+    import torch
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(path), framework="pt") as f:
+        for name in sorted(f.keys()):
+            t = f.get_tensor(name).contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
