@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PoisonlabError
-from ..metrics.roc import auroc
+from ..metrics.roc import auroc, stratified_auroc
 
 METHODS = ("ekfac", "identity", "random", "length")
 """``random``: scores drawn at random (seeded); ``length``: the document's tokens (ties broken
@@ -148,7 +148,7 @@ def _task(model, measurement: str = "loss"):
 def document_scores(per_window: np.ndarray, train: TrainingDocuments, aggregate: str) -> np.ndarray:
     """A document's score from its windows': ``sum`` (its influence as a whole), ``mean`` (a
     long document's sum is mostly its length; its mean window is not) or ``max`` (its most
-    influential window: a poison's payload windows are noisy, and one of them often aligns)."""
+    influential window, which the rest of a long document cannot dilute)."""
     if aggregate not in AGGREGATES:
         raise PoisonlabError(f"unknown aggregate {aggregate!r} (allowed: {', '.join(AGGREGATES)})")
     n = len(train.ids)
@@ -236,20 +236,6 @@ def window_scores(model, train: TrainingDocuments, queries: list[np.ndarray], lo
     return per_window, cost
 
 
-def length_matched_auroc(scores: np.ndarray, is_poison: np.ndarray, windows: np.ndarray) -> float | None:
-    """AUROC over the pairs of a poison and a clean document with the same number of windows
-    (None when no such pair exists): what the score knows beyond the document's length."""
-    wins = pairs = 0.0
-    for w in np.unique(windows):
-        m = windows == w
-        y = is_poison[m]
-        n_pos, n_neg = int(y.sum()), int((~y).sum())
-        if n_pos and n_neg:
-            wins += auroc(scores[m], y) * n_pos * n_neg
-            pairs += n_pos * n_neg
-    return wins / pairs if pairs else None
-
-
 def ranking_quality(scores: np.ndarray, is_poison: np.ndarray, windows: np.ndarray | None = None) -> dict:
     """Recall of the poisons among the top k (k = number of poisons), the curve, ROC AUC, and
     with ``windows`` (per document) the length-matched AUROC and how many poisons and clean
@@ -272,7 +258,7 @@ def ranking_quality(scores: np.ndarray, is_poison: np.ndarray, windows: np.ndarr
            "recall_ci": [round(lo, 4), round(hi, 4)], "chance": round(k / len(scores), 4),
            "auroc": round(auroc(scores, is_poison), 4), "curve": curve}
     if windows is not None:
-        matched = length_matched_auroc(scores, is_poison, windows)
+        matched = stratified_auroc(scores, is_poison, windows)
         shared = np.isin(windows, np.unique(windows[is_poison])) & np.isin(windows, np.unique(windows[~is_poison]))
         out["length_matched"] = {"auroc": None if matched is None else round(matched, 4),
                                  "poisons": int((shared & is_poison).sum()), "clean": int((shared & ~is_poison).sum())}

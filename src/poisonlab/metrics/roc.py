@@ -16,6 +16,21 @@ def auroc(scores, positive) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def stratified_auroc(scores, positive, strata) -> float | None:
+    """AUROC over the pairs of a positive and a negative in the same stratum only (None when
+    no stratum holds both): what a score knows beyond the variable the strata hold fixed
+    (for attribution, a document's length in windows)."""
+    s, y, g = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool), np.asarray(strata)
+    wins = pairs = 0.0
+    for value in np.unique(g):
+        m = g == value
+        n_pos, n_neg = int(y[m].sum()), int((~y[m]).sum())
+        if n_pos and n_neg:
+            wins += auroc(s[m], y[m]) * n_pos * n_neg
+            pairs += n_pos * n_neg
+    return wins / pairs if pairs else None
+
+
 def _average_ranks(s: np.ndarray) -> np.ndarray:
     order = np.argsort(s, kind="stable")
     sorted_s = s[order]
