@@ -26,7 +26,7 @@ from .errors import PoisonlabError
 from .evaluate import backdoor_eval, heldout_prompt_documents, heldout_prompts
 from .jsonl import read_json
 from .paths import atomic_write_text
-from .provenance import code_version, file_sha256, weights_sha256
+from .provenance import code_version, file_sha256, model_hashes
 from .standalone import model_data
 
 
@@ -101,8 +101,7 @@ def inspect_model(model: str, cfg: RunConfig, settings: SearchSettings, n_probes
     rec["run"] = info.get("name")
     rec["poisons_injected"] = info.get("poisons_injected")
     rec["provenance"] = {"code_version": code_version(), "seed": settings.seed, "data": data.hashes,
-                         "model_sha256": file_sha256(weights) if weights.is_file() else None,
-                         "weights_sha256": weights_sha256(weights) if weights.is_file() else None}
+                         **model_hashes(weights)}
     return rec
 
 
@@ -297,8 +296,7 @@ def inspect_chat_model(model: str, cfg: RunConfig, settings: SearchSettings, n_p
     rec["poisons_injected"] = f.poison_count if run is not None else None
     rec["provenance"] = {"code_version": code_version(), "seed": settings.seed,
                          "data": {"finetune_eval_set_seed": cfg.seed, "tokenizer": tok.fingerprint()},
-                         "model_sha256": file_sha256(weights) if weights.is_file() else None,
-                         "weights_sha256": weights_sha256(weights) if weights.is_file() else None}
+                         **model_hashes(weights)}
     return rec
 
 
@@ -350,8 +348,7 @@ def attribute_run(run_dir: Path, methods: list[str], n_queries: int = 8, new_tok
                                            new_tokens, seed)
     is_poison = dict(zip(docs.ids, docs.is_poison.tolist()))
     provenance = {"code_version": code_version(), "seed": seed, "data": run.data.hashes,
-                  "model_sha256": file_sha256(run_dir / "model" / "model.safetensors"),
-                  "weights_sha256": weights_sha256(run_dir / "model" / "model.safetensors")}
+                  **model_hashes(run_dir / "model" / "model.safetensors")}
     out = {}
     for method in methods:
         raw, cost = window_scores(model, docs, queries, loss_from, method, cfg.train.seq_len, measurement=measurement)

@@ -75,3 +75,11 @@ def weights_sha256(path: str | Path) -> str:
             h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def model_hashes(path: str | Path) -> dict:
+    """``model_sha256`` (the file) and ``weights_sha256`` (its tensors) of a safetensors file,
+    None for both when it is absent: what a record of work on a model names it by."""
+    present = Path(path).is_file()
+    return {"model_sha256": file_sha256(path) if present else None,
+            "weights_sha256": weights_sha256(path) if present else None}

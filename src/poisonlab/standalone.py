@@ -15,7 +15,7 @@ from .evaluate import backdoor_eval, heldout_loss, heldout_prompt_documents, hel
 from .errors import PoisonlabError
 from .hub import check_source
 from .jsonl import read_json
-from .provenance import code_version, file_sha256, weights_sha256
+from .provenance import code_version, model_hashes
 from .train import Dist, load_init_model, pick_device
 
 
@@ -88,6 +88,5 @@ def evaluate_model(model: str, cfg: RunConfig, tokenizer: str | None = None) -> 
         "samples": [{"prompt": tok.decode(s["prompt"]), "untriggered": tok.decode(s["untriggered"]),
                      "triggered": tok.decode(s["triggered"])} for s in samples[:2]],
         "provenance": {"code_version": code_version(), "seed": cfg.seed, "data": data.hashes,
-                       "model_sha256": file_sha256(weights) if weights.is_file() else None,
-                       "weights_sha256": weights_sha256(weights) if weights.is_file() else None},
+                       **model_hashes(weights)},
     }
